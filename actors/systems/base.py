@@ -1,0 +1,120 @@
+"""Shared machinery of the simulators: the realism knobs every lab device has.
+
+A simulator is a nominal physics (`ideal_model()`) plus, in the "real" device, a fixed seeded
+mismatch, per-measurement noise, slow drift, an ADC, a latency that is really slept and optional
+faults. Subclasses implement `_measure` (the device physics with mismatch/drift, noise included)
+and `ideal_model`; this base class validates, broadcasts theta, injects faults and sleeps.
+"""
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..envelope import check_request
+from ..errors import DeviceError
+from ..spec import SystemSpec
+
+
+class SimConfig(BaseModel):
+    """Knobs common to every simulator. Scales multiply the system's nominal values from PHYSICS.md:
+    1.0 is the documented device, 0.0 switches the effect off (mismatch=noise=drift=0 => device equals
+    its ideal model)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str
+    seed: int = Field(default=0, description="seeds mismatch (fixed per device), noise and drift")
+    mismatch: float = Field(default=1.0, ge=0.0, description="scale on the nominal mismatch")
+    noise: float = Field(default=1.0, ge=0.0, description="scale on the nominal measurement noise")
+    drift: float = Field(default=0.0, ge=0.0, description="scale on the nominal drift rate (0 = none)")
+    drift_clock: Literal["calls", "time"] = Field(
+        default="calls", description="drift advances per device call, or per second of wall time"
+    )
+    adc_bits: int | None = Field(default=None, ge=1, le=32, description="ADC resolution; None = ideal")
+    latency_call_s: float = Field(default=0.0, ge=0.0, description="seconds slept per call")
+    latency_row_s: float = Field(default=0.0, ge=0.0, description="seconds slept per row")
+    fault_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="fraction of calls raising DeviceError")
+    max_rows: int = Field(default=256, ge=1, description="most rows per device call")
+
+
+class SimulatedSystem:
+    """Base class of the simulators (shares code; callers depend on the `PhysicalSystem` protocol)."""
+
+    config_class: type[SimConfig] = SimConfig
+
+    def __init__(self, config: SimConfig | dict | None = None, **overrides):
+        if config is None or isinstance(config, dict):
+            config = self.config_class.model_validate({**(config or {}), **overrides})
+        elif overrides:
+            config = config.model_copy(update=overrides)
+        self.config = config
+        # Noise/fault generators are seeded so a device's sequence of measurements is reproducible.
+        self._noise_gen = torch.Generator().manual_seed(config.seed + 1)
+        self._fault_rng = np.random.default_rng(config.seed + 2)
+        self._t0 = time.monotonic()
+        self.calls = 0
+
+    # -- protocol ---------------------------------------------------------------------------------
+    @property
+    def spec(self) -> SystemSpec:
+        raise NotImplementedError
+
+    def connect(self) -> None:
+        """Simulators have nothing to connect to."""
+
+    def close(self) -> None:
+        """Simulators hold no resources."""
+
+    def ideal_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def forward(self, x, theta) -> torch.Tensor:
+        """Measure y[B, n_outputs] for x[B, n_inputs] and theta[n_params] or theta[B, n_params]."""
+        spec = self.spec
+        x_np, theta_np = check_request(spec, x, theta)
+        x_t = torch.from_numpy(np.array(x_np, copy=True))
+        theta_t = torch.from_numpy(np.array(theta_np, copy=True))
+        if theta_t.ndim == 1:
+            theta_t = theta_t.expand(x_t.shape[0], -1)
+        start = time.monotonic()
+        self.calls += 1
+        if self.config.fault_rate and self._fault_rng.random() < self.config.fault_rate:
+            raise DeviceError(f"{spec.name}: simulated device fault on call {self.calls}")
+        with torch.no_grad():
+            y = self._measure(x_t, theta_t)
+        self._sleep_latency(x_t.shape[0], start)
+        return y.to(torch.float32)
+
+    # -- for subclasses ---------------------------------------------------------------------------
+    def _measure(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _randn(self, *shape) -> torch.Tensor:
+        return torch.randn(*shape, generator=self._noise_gen)
+
+    def drift_clock(self) -> float:
+        """Elapsed drift time: device calls so far, or seconds since construction."""
+        if self.config.drift_clock == "time":
+            return time.monotonic() - self._t0
+        return float(self.calls)
+
+    def adc(self, y: torch.Tensor, full_scale: tuple[float, float]) -> torch.Tensor:
+        """Clip to the ADC's full scale and quantise to `adc_bits` (saturation is real)."""
+        lo, hi = full_scale
+        y = y.clamp(lo, hi)
+        bits = self.config.adc_bits
+        if bits is None:
+            return y
+        step = (hi - lo) / (2**bits - 1)
+        return lo + torch.round((y - lo) / step) * step
+
+    def _sleep_latency(self, rows: int, start: float) -> None:
+        budget = self.config.latency_call_s + rows * self.config.latency_row_s
+        if budget > 0:
+            remaining = budget - (time.monotonic() - start)
+            if remaining > 0:
+                time.sleep(remaining)

@@ -1,0 +1,50 @@
+"""Maps a system `kind` to its class; a kind may also be an import path 'package.module:Class'."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from pydantic import BaseModel
+
+from .oscillators import Oscillators
+
+BUILTIN: dict[str, type] = {"oscillators": Oscillators}
+
+
+def system_class(kind: str) -> type:
+    """The class for `kind`; raises ValueError listing the allowed kinds."""
+    if kind in BUILTIN:
+        return BUILTIN[kind]
+    if ":" in kind:
+        module_name, _, attr = kind.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ValueError(f"cannot import module '{module_name}' for system kind '{kind}': {exc}") from None
+        cls = getattr(module, attr, None)
+        if cls is None:
+            raise ValueError(f"module '{module_name}' has no attribute '{attr}' (system kind '{kind}')")
+        return cls
+    raise ValueError(
+        f"unknown system kind '{kind}'; choose one of {', '.join(sorted(BUILTIN))} "
+        f"or give an import path 'package.module:Class'"
+    )
+
+
+def validate_system_config(raw: Any) -> BaseModel:
+    """Validate a system config dict against its kind's config class (errors keep their field paths)."""
+    if isinstance(raw, BaseModel):
+        return raw
+    if not isinstance(raw, dict) or "kind" not in raw:
+        raise ValueError("a system needs a 'kind', e.g. {kind: oscillators}")
+    cls = system_class(str(raw["kind"]))
+    config_class = getattr(cls, "config_class", None)
+    if config_class is None:
+        raise ValueError(f"system class {cls.__name__} has no `config_class` (a pydantic model)")
+    return config_class.model_validate(raw)
+
+
+def build_system(config: Any):
+    """Construct (without I/O) the system a config describes."""
+    cfg = validate_system_config(config if isinstance(config, BaseModel) else dict(config))
+    return system_class(cfg.kind)(cfg)

@@ -1,0 +1,31 @@
+"""Training methods by name: `method` in a config picks (config class, train function).
+
+Every train function has the signature train_x(config, device, data, report=None, state=None)
+and returns a `TrainResult`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from pydantic import BaseModel
+
+from .config import PATConfig
+from .pat import train_pat
+
+
+@dataclass(frozen=True)
+class Method:
+    config_class: type[BaseModel]
+    train: Callable
+
+
+METHODS: dict[str, Method] = {
+    "pat": Method(PATConfig, train_pat),
+}
+
+
+def method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown training method '{name}'; choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]
