@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from .config import PATConfig
 from .pat import train_pat
+from .phyll import PhyLLConfig, train_phyll
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "pat": Method(PATConfig, train_pat),
+    "phyll": Method(PhyLLConfig, train_phyll),
 }
 
 

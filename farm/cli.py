@@ -1,0 +1,98 @@
+"""`physfarm` command line. Config errors print one line and exit with code 2 before anything starts."""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from .errors import ConfigError
+
+EXIT_CONFIG = 2
+
+
+def _mlflow_ui_command(uri: str) -> str:
+    local = Path(sys.executable).parent / "mlflow"
+    exe = str(local) if local.exists() else (shutil.which("mlflow") or "mlflow")
+    return f"{exe} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+
+
+def format_leaderboard(outcome, metric: str, mode: str) -> str:
+    rows = outcome.leaderboard(metric, mode)
+    keys = sorted({k for r in rows for k in r.config})
+    header = ["rank", "trial", *keys, metric, "epochs", "device_s", "status"]
+    table = [header]
+    for i, r in enumerate(rows, 1):
+        value = r.metrics.get(metric)
+        table.append([
+            str(i), r.trial_id, *(f"{r.config.get(k)}" for k in keys),
+            f"{value:.4f}" if isinstance(value, (int, float)) else "-",
+            str(r.metrics.get("epoch", "-")),
+            f"{r.metrics['device_s']:.2f}" if isinstance(r.metrics.get("device_s"), (int, float)) else "-",
+            r.status if not r.error else f"{r.status}: {r.error}",
+        ])
+    widths = [max(len(row[c]) for row in table) for c in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
+
+
+def cmd_sweep(args) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config)  # validates everything before Ray or MLflow start
+    from .sweep import run_sweep
+    from .tracking import resolve_tracking_uri
+
+    resolve_tracking_uri(args.tracking_uri, cfg.tracking.uri)  # a refused URI is a config error too
+    outcome = run_sweep(cfg, address=args.address, tracking_uri=args.tracking_uri,
+                        verbose=0 if args.quiet else 1)
+    device = cfg.train.get("device", "?")
+    print()
+    print(f"Leaderboard: {len(outcome.rows)} trials, {cfg.sweep.metric} measured on device '{device}'")
+    print(format_leaderboard(outcome, cfg.sweep.metric, cfg.sweep.mode))
+    print()
+    print(f"MLflow: experiment '{outcome.experiment}', sweep run {outcome.parent_run_id}, store {outcome.tracking_uri}")
+    if outcome.tracking_uri.startswith("sqlite:"):
+        print(f"Open the MLflow UI:  {_mlflow_ui_command(outcome.tracking_uri)}")
+    else:
+        print(f"Open the MLflow UI:  {outcome.tracking_uri}")
+    failed = [r for r in outcome.rows if r.status != "TERMINATED"]
+    return 1 if failed and len(failed) == len(outcome.rows) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="physfarm", description="Train physical neural networks on a "
+                                     "farm of devices and simulators (Ray Tune + MLflow).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sweep", help="run a Ray Tune sweep from a YAML config")
+    p.add_argument("config", help="sweep config YAML (see examples/quickstart.yaml)")
+    p.add_argument("--address", default=None, help="existing Ray cluster address (default: start a local Ray)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, the config's, or ./mlflow.db)")
+    p.add_argument("--quiet", action="store_true", help="no Tune progress tables")
+    p.set_defaults(func=cmd_sweep)
+
+    try:
+        from .instrument_cli import add_instrument_parser
+    except ImportError:
+        add_instrument_parser = None
+    if add_instrument_parser is not None:
+        add_instrument_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"physfarm: config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("physfarm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

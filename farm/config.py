@@ -1,0 +1,174 @@
+"""The sweep config: one YAML file with devices, data, train (with search space), sweep, tracking.
+
+`load_config(path)` validates everything before anything starts (no Ray, no MLflow, no files
+written) and raises `ConfigError` with one line naming the field path and what is allowed.
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from actors.systems.registry import validate_system_config
+from trainers.registry import METHODS, method
+
+from .data import DataConfig
+from .errors import ConfigError, format_validation_error
+from .space import representatives, samplers, substitute
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class DeviceConfig(BaseModel):
+    """One device of the pool: a simulator, a recorded device or an instrument."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN, description="name trials use to find the device")
+    system: dict[str, Any] = Field(description="the system: {kind: oscillators, ...its fields}")
+    replicas: int = Field(default=1, ge=1, le=1024, description="identical actors serving this name")
+    resources: dict[str, float] = Field(default_factory=dict,
+                                        description="custom Ray resources pinning the actor to a node")
+    max_restarts: int = Field(default=3, ge=-1, description="actor restarts after a crash (-1: forever)")
+    max_wait_ms: float = Field(default=0.0, ge=0.0, le=1000.0,
+                               description="how long a device call waits for more rows to batch")
+
+
+class TrackingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str | None = Field(default=None, description="MLflow tracking URI (default: ./mlflow.db as SQLite)")
+    experiment: str = Field(default="physfarm", min_length=1, description="MLflow experiment name")
+
+
+class SweepSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, pattern=NAME_PATTERN, description="Tune experiment name")
+    num_samples: int = Field(default=1, ge=1, le=100_000, description="samples per grid point")
+    metric: str = Field(default="test_accuracy", description="metric that ranks trials")
+    mode: Literal["max", "min"] = "max"
+    max_concurrent_trials: int | None = Field(default=None, ge=1)
+    trial_cpus: float = Field(default=1.0, gt=0.0, le=1024, description="CPUs reserved per trial")
+    storage_path: str | None = Field(default=None, description="Tune results folder (default ./ray_results)")
+
+
+class FarmConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    devices: list[DeviceConfig] = Field(min_length=1)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: dict[str, Any] = Field(default_factory=dict, description="trainer config; values may be samplers")
+    sweep: SweepSettings = Field(default_factory=SweepSettings)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("devices")
+    @classmethod
+    def _unique_names(cls, devices: list[DeviceConfig]) -> list[DeviceConfig]:
+        names = [d.name for d in devices]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"device names must be unique; repeated: {', '.join(sorted(dup))}")
+        return devices
+
+    def device(self, name: str) -> DeviceConfig:
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def sampled_paths(self) -> dict[str, tuple[str, list]]:
+        return samplers(self.train, "train")
+
+
+def _check_systems(cfg: FarmConfig) -> None:
+    for i, dev in enumerate(cfg.devices):
+        prefix = f"devices[{i}].system"
+        try:
+            validated = validate_system_config(dev.system)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, prefix)) from None
+        except ValueError as err:
+            raise ConfigError(f"{prefix}.kind: {err}" if "kind" in str(err) else f"{prefix}: {err}") from None
+        dev.system = validated.model_dump(mode="json")
+
+
+def _check_train(cfg: FarmConfig) -> None:
+    """Validate `train` for every value each sampler can produce (grid/choice values, range ends)."""
+    space = cfg.sampled_paths()
+    paths = list(space)
+    options = [representatives(*space[p]) for p in paths]
+    # Each sampler's values one at a time, the others at their first value: catches every bad value
+    # without crossing all grids.
+    cases = [{p: o[0] for p, o in zip(paths, options)}]
+    for i, p in enumerate(paths):
+        for value in options[i][1:]:
+            case = dict(cases[0])
+            case[p] = value
+            cases.append(case)
+    if "train.method" in space:  # methods differ in fields: cross the methods with the others
+        cases += [dict(zip(paths, combo)) for combo in itertools.islice(itertools.product(*options), 256)]
+    names = [d.name for d in cfg.devices]
+    for case in cases:
+        concrete = substitute(cfg.train, case, "train")
+        method_name = concrete.get("method", "pat")
+        try:
+            m = method(str(method_name))
+        except ValueError as err:
+            raise ConfigError(f"train.method: {err}") from None
+        if concrete.get("device") is None and len(names) == 1:
+            concrete["device"] = names[0]
+        try:
+            tc = m.config_class.model_validate(concrete)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, "train")) from None
+        if tc.device is None:
+            raise ConfigError(f"train.device: required when several devices are defined; one of {names}")
+        if tc.device not in names:
+            raise ConfigError(f"train.device: '{tc.device}' is not a configured device; one of {names}")
+    if cfg.train.get("device") is None and len(names) == 1:
+        cfg.train["device"] = names[0]
+
+
+def _check_data(cfg: FarmConfig) -> None:
+    if cfg.data.kind in ("vowels", "mnist"):
+        if not cfg.data.path:
+            raise ConfigError(f"data.path: required for data.kind '{cfg.data.kind}'")
+        path = Path(cfg.data.path).expanduser().resolve()
+        if not path.exists():
+            raise ConfigError(f"data.path: '{cfg.data.path}' does not exist (resolved to {path})")
+        cfg.data.path = str(path)  # absolute, so trials on any worker read the same file
+
+
+def parse_config(raw: Any, source: str = "config") -> FarmConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with keys "
+                          f"devices, data, train, sweep, tracking; got {type(raw).__name__}")
+    try:
+        cfg = FarmConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+    _check_systems(cfg)
+    _check_data(cfg)
+    _check_train(cfg)
+    return cfg
+
+
+def load_config(path: str | Path) -> FarmConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    return parse_config(raw, str(path))
+
+
+def methods_available() -> list[str]:
+    return sorted(METHODS)

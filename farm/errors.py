@@ -1,0 +1,37 @@
+"""Config errors as one line each: the field path, what was wrong, what was given."""
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+
+class ConfigError(ValueError):
+    """A config was refused; the message is one line naming the field path and the allowed values."""
+
+
+def _path(loc: tuple) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif str(item).startswith(("function-", "tagged-union")):
+            continue
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts)
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    msgs = []
+    for e in err.errors(include_url=False):
+        path = _path(tuple(e["loc"]))
+        if prefix:
+            path = f"{prefix}.{path}" if path else prefix
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see the config reference in README.md)"
+        elif e["type"] not in ("value_error", "missing") and "input" in e and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        msgs.append(f"{path}: {msg}" if path else msg)
+    return "; ".join(msgs)
