@@ -9,6 +9,8 @@ from pathlib import Path
 from .errors import ConfigError
 
 EXIT_CONFIG = 2
+EXIT_UNREACHABLE = 3
+EXIT_INTERRUPTED = 130
 
 
 def _mlflow_ui_command(uri: str) -> str:
@@ -19,7 +21,7 @@ def _mlflow_ui_command(uri: str) -> str:
 
 def format_leaderboard(outcome, metric: str, mode: str) -> str:
     rows = outcome.leaderboard(metric, mode)
-    keys = sorted({k for r in rows for k in r.config})
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r.config)]
     header = ["rank", "trial", *keys, metric, "epochs", "device_s", "status"]
     table = [header]
     for i, r in enumerate(rows, 1):
@@ -31,30 +33,58 @@ def format_leaderboard(outcome, metric: str, mode: str) -> str:
             f"{r.metrics['device_s']:.2f}" if isinstance(r.metrics.get("device_s"), (int, float)) else "-",
             r.status if not r.error else f"{r.status}: {r.error}",
         ])
-    widths = [max(len(row[c]) for row in table) for c in range(len(header))]
+    return format_table(table)
+
+
+def format_table(table: list[list[str]]) -> str:
+    widths = [max(len(row[c]) for row in table) for c in range(len(table[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
+
+
+def _forward_sigterm() -> None:
+    """SIGTERM stops a sweep like Ctrl-C does: Tune saves the experiment state, --resume continues."""
+    import os
+    import signal
+
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
 
 
 def cmd_sweep(args) -> int:
     from .config import load_config
 
     cfg = load_config(args.config)  # validates everything before Ray or MLflow start
-    from .sweep import run_sweep
-    from .tracking import resolve_tracking_uri
+    from .sweep import check_resumable, run_sweep, sweep_name
+    from .tracking import check_reachable, resolve_tracking_uri
 
-    resolve_tracking_uri(args.tracking_uri, cfg.tracking.uri)  # a refused URI is a config error too
+    uri = resolve_tracking_uri(args.tracking_uri, cfg.tracking.uri)  # a refused URI is a config error too
+    check_reachable(uri)  # an unreachable tracking server: one line, before anything starts
+    check_resumable(cfg, uri, sweep_name(cfg), args.resume or args.resume_errored)
+    from .sweep import init_ray
+
+    init_ray(args.address)
+    _forward_sigterm()  # after ray.init, which installs its own SIGTERM handler
     outcome = run_sweep(cfg, address=args.address, tracking_uri=args.tracking_uri,
-                        verbose=0 if args.quiet else 1)
-    device = cfg.train.get("device", "?")
+                        verbose=0 if args.quiet else 1, resume=args.resume or args.resume_errored,
+                        resume_errored=args.resume_errored)
+    devices = sorted({str(r.config.get("device")) for r in outcome.rows if r.config.get("device")})
+    where = f"on device '{cfg.train.get('device', '?')}'" if not devices else \
+        "on each trial's device" if len(devices) > 1 else f"on device '{devices[0]}'"
     print()
-    print(f"Leaderboard: {len(outcome.rows)} trials, {cfg.sweep.metric} measured on device '{device}'")
+    state = " (resumed)" if outcome.resumed else ""
+    print(f"Leaderboard{state}: {len(outcome.rows)} trials, {cfg.sweep.metric} measured {where}")
     print(format_leaderboard(outcome, cfg.sweep.metric, cfg.sweep.mode))
     print()
     print(f"MLflow: experiment '{outcome.experiment}', sweep run {outcome.parent_run_id}, store {outcome.tracking_uri}")
     if outcome.tracking_uri.startswith("sqlite:"):
-        print(f"Open the MLflow UI:  {_mlflow_ui_command(outcome.tracking_uri)}")
+        print(f"Open the MLflow UI:  physfarm ui --tracking-uri {outcome.tracking_uri}   "
+              f"(or: {_mlflow_ui_command(outcome.tracking_uri)})")
     else:
         print(f"Open the MLflow UI:  {outcome.tracking_uri}")
+    if outcome.interrupted:
+        print(f"physfarm: sweep '{outcome.name}' interrupted; continue it with: "
+              f"physfarm sweep {args.config} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     failed = [r for r in outcome.rows if r.status != "TERMINATED"]
     return 1 if failed and len(failed) == len(outcome.rows) else 0
 
@@ -70,7 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, the config's, or ./mlflow.db)")
     p.add_argument("--quiet", action="store_true", help="no Tune progress tables")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted sweep of this config (same sweep.name and storage_path): "
+                        "finished trials are kept, unfinished ones resume from their last checkpoint")
+    p.add_argument("--resume-errored", action="store_true",
+                   help="like --resume, and also retry failed trials from their last checkpoint")
     p.set_defaults(func=cmd_sweep)
+
+    from .report import add_report_parser, add_ui_parser
+    from .train_cli import add_train_parser
+
+    add_train_parser(sub)
+    add_report_parser(sub)
+    add_ui_parser(sub)
+
+    from .devices_cli import add_devices_parser
+
+    add_devices_parser(sub)
 
     try:
         from .instrument_cli import add_instrument_parser
@@ -89,9 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"physfarm: config error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    except ConnectionError as err:  # an unreachable tracking server or cluster: one line
+        print(f"physfarm: {err}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         print("physfarm: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

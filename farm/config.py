@@ -5,7 +5,6 @@ written) and raises `ConfigError` with one line naming the field path and what i
 """
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,11 +12,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from actors.systems.registry import validate_system_config
-from trainers.registry import METHODS, method
+from trainers.registry import METHODS
 
 from .data import DataConfig
 from .errors import ConfigError, format_validation_error
-from .space import representatives, samplers, substitute
+from .space import samplers
+from .trainspec import check_train
+from .tuning import SchedulerSettings, check_sweep
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -35,6 +36,23 @@ class DeviceConfig(BaseModel):
     max_restarts: int = Field(default=3, ge=-1, description="actor restarts after a crash (-1: forever)")
     max_wait_ms: float = Field(default=0.0, ge=0.0, le=1000.0,
                                description="how long a device call waits for more rows to batch")
+    max_queue_rows: int = Field(default=100_000, ge=1,
+                                description="rows that may wait at one replica; beyond, requests are "
+                                            "refused with DeviceBusyError (backpressure)")
+    node_labels: dict[str, str] = Field(default_factory=dict,
+                                        description="Ray node labels the actor's node must have "
+                                                    "(label_selector), e.g. {physfarm/device: optics}")
+    lease_policy: Literal["refuse", "wait"] = Field(
+        default="refuse", description="while leased, other clients' requests are refused or wait")
+    max_lease_s: float = Field(default=86_400.0, gt=0.0, description="longest lease one holder may take")
+    retries: int = Field(default=3, ge=0, le=100,
+                         description="client retries of a request after an actor restart or device fault")
+    retry_backoff_s: float = Field(default=0.2, ge=0.0, le=60.0,
+                                   description="first retry delay; doubles on each retry")
+    call_timeout_s: float = Field(default=300.0, gt=0.0,
+                                  description="a forward call with no answer after this fails (not retried)")
+    restart_wait_s: float = Field(default=120.0, ge=0.0,
+                                  description="how long a client waits for a crashed replica to restart")
 
 
 class TrackingConfig(BaseModel):
@@ -48,12 +66,34 @@ class SweepSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, pattern=NAME_PATTERN, description="Tune experiment name")
-    num_samples: int = Field(default=1, ge=1, le=100_000, description="samples per grid point")
+    num_samples: int = Field(default=1, ge=1, le=100_000,
+                             description="samples per grid point (with search: optuna, the number of trials)")
     metric: str = Field(default="test_accuracy", description="metric that ranks trials")
     mode: Literal["max", "min"] = "max"
     max_concurrent_trials: int | None = Field(default=None, ge=1)
+    max_trials_per_device: int | dict[str, int] | None = Field(
+        default=None, description="most trials running at once on one device: one number for every "
+                                  "device, or {device: number} (others unlimited)")
     trial_cpus: float = Field(default=1.0, gt=0.0, le=1024, description="CPUs reserved per trial")
     storage_path: str | None = Field(default=None, description="Tune results folder (default ./ray_results)")
+    search: Literal["default", "optuna"] = Field(
+        default="default", description="search algorithm: Tune's default (grid and random sampling) or "
+                                       "optuna (needs the optuna extra)")
+    seed: int | None = Field(default=None, ge=0, description="seeds the search algorithm's sampling")
+    scheduler: SchedulerSettings | None = Field(default=None, description="asha or pbt (default: none, FIFO)")
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler_shorthand(cls, value):
+        return {"kind": value} if isinstance(value, str) else value
+
+    @field_validator("max_trials_per_device")
+    @classmethod
+    def _positive_caps(cls, value):
+        caps = value.values() if isinstance(value, dict) else [value] if value is not None else []
+        if any(c < 1 for c in caps):
+            raise ValueError("every cap must be at least 1")
+        return value
 
 
 class FarmConfig(BaseModel):
@@ -97,38 +137,21 @@ def _check_systems(cfg: FarmConfig) -> None:
 
 
 def _check_train(cfg: FarmConfig) -> None:
-    """Validate `train` for every value each sampler can produce (grid/choice values, range ends)."""
-    space = cfg.sampled_paths()
-    paths = list(space)
-    options = [representatives(*space[p]) for p in paths]
-    # Each sampler's values one at a time, the others at their first value: catches every bad value
-    # without crossing all grids.
-    cases = [{p: o[0] for p, o in zip(paths, options)}]
-    for i, p in enumerate(paths):
-        for value in options[i][1:]:
-            case = dict(cases[0])
-            case[p] = value
-            cases.append(case)
-    if "train.method" in space:  # methods differ in fields: cross the methods with the others
-        cases += [dict(zip(paths, combo)) for combo in itertools.islice(itertools.product(*options), 256)]
+    """Validate `train` (and PBT's mutations) for every method and every value a search space can
+    produce, before anything starts."""
     names = [d.name for d in cfg.devices]
-    for case in cases:
-        concrete = substitute(cfg.train, case, "train")
-        method_name = concrete.get("method", "pat")
+    mutations = check_sweep(cfg)
+    check_train(cfg.train, names)
+    if mutations:  # every value PBT may set, in every method's config
         try:
-            m = method(str(method_name))
-        except ValueError as err:
-            raise ConfigError(f"train.method: {err}") from None
-        if concrete.get("device") is None and len(names) == 1:
-            concrete["device"] = names[0]
-        try:
-            tc = m.config_class.model_validate(concrete)
-        except ValidationError as err:
-            raise ConfigError(format_validation_error(err, "train")) from None
-        if tc.device is None:
-            raise ConfigError(f"train.device: required when several devices are defined; one of {names}")
-        if tc.device not in names:
-            raise ConfigError(f"train.device: '{tc.device}' is not a configured device; one of {names}")
+            check_train(cfg.train, names, mutations)
+        except ConfigError as err:
+            msg = str(err)
+            for path in mutations:
+                if msg.startswith(path + ":"):
+                    key = path.removeprefix("train.")
+                    msg = f"sweep.scheduler.hyperparam_mutations.{key}:" + msg[len(path) + 1:]
+            raise ConfigError(msg) from None
     if cfg.train.get("device") is None and len(names) == 1:
         cfg.train["device"] = names[0]
 

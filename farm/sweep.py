@@ -1,8 +1,17 @@
-"""A sweep: Ray Tune over trainings that share the device pool, tracked in MLflow."""
+"""A sweep: Ray Tune over trainings that share the device pool, tracked in MLflow.
+
+The Tune experiment folder (<storage_path>/<sweep name>) also holds `physfarm_sweep.json`: the
+sweep's MLflow parent run, tracking store, config digest and status. `resume=True` continues an
+interrupted sweep from there (Tuner.restore): finished trials are not rerun, unfinished ones resume
+from their last checkpoint, and the same parent run and child runs go on.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,19 +19,24 @@ import ray
 from ray import tune
 
 from .config import FarmConfig
+from .errors import ConfigError
 from .pool import find_device, start_device, stop_device
-from .space import to_param_space
-from .tracking import MLflowCallback, SweepTracker, check_reachable, resolve_tracking_uri
+from .tracking import PARENT_TAG, MLflowCallback, SweepTracker, check_reachable, resolve_tracking_uri
 from .trainable import run_trial
+from .trainspec import resolve_train
+from .tuning import build_param_space, build_scheduler, build_search, uses_pbt
+
+MARKER = "physfarm_sweep.json"
 
 
 @dataclass
 class TrialRow:
     trial_id: str
-    config: dict  # the sampled values, by dotted path
+    config: dict  # the sampled values, by key (method sections' keys without the section)
     metrics: dict
     status: str
     error: str | None = None
+    run_id: str | None = None
 
 
 @dataclass
@@ -33,12 +47,18 @@ class SweepOutcome:
     parent_run_id: str
     rows: list[TrialRow] = field(default_factory=list)
     storage_path: str = ""
+    interrupted: bool = False
+    resumed: bool = False
+
+    @property
+    def path(self) -> str:
+        return str(Path(self.storage_path) / self.name)
 
     def leaderboard(self, metric: str = "test_accuracy", mode: str = "max") -> list[TrialRow]:
         """Finished trials best first, then the others."""
         def key(row: TrialRow):
             value = row.metrics.get(metric)
-            if row.status != "TERMINATED" or not isinstance(value, (int, float)):
+            if row.status != "TERMINATED" or not isinstance(value, (int, float)) or value != value:
                 return (1, 0.0)
             return (0, -value if mode == "max" else value)
         return sorted(self.rows, key=key)
@@ -69,59 +89,239 @@ def _pick(config: dict, path: str):
     return node
 
 
+def sweep_name(cfg: FarmConfig, name: str | None = None) -> str:
+    return name or cfg.sweep.name or "sweep"
+
+
+def storage_path(cfg: FarmConfig) -> str:
+    return str(Path(cfg.sweep.storage_path or "ray_results").expanduser().resolve())
+
+
+def config_digest(cfg: FarmConfig) -> str:
+    """What a resume must not change: the trials' search space, the data and the sweep settings."""
+    sweep = cfg.sweep.model_dump(mode="json")
+    sweep.pop("storage_path", None)
+    blob = json.dumps({"train": cfg.train, "data": cfg.data.model_dump(mode="json"), "sweep": sweep},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_marker(folder: Path) -> dict | None:
+    path = Path(folder) / MARKER
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_marker(folder: Path, **values) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = read_marker(folder) or {}
+    data.update(values, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    tmp = folder / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(folder / MARKER)
+
+
+def check_resumable(cfg: FarmConfig, uri: str, name: str, resume: bool) -> dict | None:
+    """Before anything starts: a resume needs the earlier sweep, its store and the same config; a new
+    sweep must not overwrite an interrupted one. Returns the marker when resuming."""
+    folder = Path(storage_path(cfg)) / name
+    marker = read_marker(folder)
+    if resume:
+        if marker is None or not tune.Tuner.can_restore(str(folder)):
+            raise ConfigError(f"--resume: no sweep '{name}' to resume in {folder.parent} "
+                              f"(sweep.name and sweep.storage_path pick it)")
+        if marker.get("tracking_uri") != uri:
+            raise ConfigError(f"--resume: sweep '{name}' was tracked in {marker.get('tracking_uri')}, not {uri}; "
+                              f"resume with --tracking-uri {marker.get('tracking_uri')}")
+        if marker.get("config_digest") != config_digest(cfg):
+            raise ConfigError(f"--resume: the config's train, data or sweep section differs from the one sweep "
+                              f"'{name}' started with; resume with the same file, or start a new sweep "
+                              f"(another sweep.name)")
+        return marker
+    if marker is not None and marker.get("status") in ("running", "interrupted"):
+        raise ConfigError(f"sweep '{name}' in {folder} did not finish ({marker.get('status')}): continue it "
+                          f"with --resume, or start a new one under another sweep.name (or delete that folder)")
+    return None
+
+
 def run_sweep(cfg: FarmConfig, address: str | None = None, tracking_uri: str | None = None,
-              name: str | None = None, verbose: int = 0) -> SweepOutcome:
+              name: str | None = None, verbose: int = 0, resume: bool = False,
+              resume_errored: bool = False) -> SweepOutcome:
     uri = resolve_tracking_uri(tracking_uri, cfg.tracking.uri)
     check_reachable(uri)
-    name = name or cfg.sweep.name or "sweep"
-    storage = str(Path(cfg.sweep.storage_path or "ray_results").expanduser().resolve())
+    name = sweep_name(cfg, name)
+    storage = storage_path(cfg)
+    folder = Path(storage) / name
+    marker = check_resumable(cfg, uri, name, resume)
     init_ray(address)
+    devices = [d.name for d in cfg.devices]
 
     # Devices this sweep starts live as long as their handles: keep them until the sweep ends.
     started: list[tuple] = []
-    for dev in cfg.devices:
-        if find_device(dev.name) is None:  # a standing device of that name is used as it is
-            started.append((dev, start_device(dev)))
     tracker = SweepTracker(uri, cfg.tracking.experiment, name)
-    parent = tracker.start(cfg.model_dump(mode="json"), [d.model_dump(mode="json") for d in cfg.devices])
-    callback = MLflowCallback(uri, tracker.experiment_id, parent, name)
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, data=cfg.data.model_dump(mode="json")),
-        {"cpu": cfg.sweep.trial_cpus},
-    )
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"train": to_param_space(cfg.train)},
-        tune_config=tune.TuneConfig(
-            metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=cfg.sweep.num_samples,
-            max_concurrent_trials=cfg.sweep.max_concurrent_trials,
-        ),
-        run_config=tune.RunConfig(
-            name=name, storage_path=storage, callbacks=[callback], verbose=verbose,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    status = "FAILED"
+    fitting = ended = interrupted = False
     try:
+        for dev in cfg.devices:
+            if find_device(dev.name) is None:  # a standing device of that name is used as it is
+                started.append((dev, start_device(dev)))
+        if marker is not None:
+            parent = tracker.resume(marker["parent_run_id"])
+        else:
+            parent = tracker.start(cfg.model_dump(mode="json"), [d.model_dump(mode="json") for d in cfg.devices])
+        write_marker(folder, parent_run_id=parent, experiment_id=tracker.experiment_id,
+                     experiment=cfg.tracking.experiment, tracking_uri=uri, config_digest=config_digest(cfg),
+                     status="running")
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, data=cfg.data.model_dump(mode="json"), devices=devices,
+                                 pbt=uses_pbt(cfg)),
+            {"cpu": cfg.sweep.trial_cpus},
+        )
+        if marker is not None:
+            tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True,
+                                       resume_errored=resume_errored)
+        else:
+            sched = cfg.sweep.scheduler
+            watch = [k for k in _leaf_paths(sched.hyperparam_mutations or {})] if uses_pbt(cfg) else []
+            callback = MLflowCallback(uri, tracker.experiment_id, parent, name, devices, watch)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=build_param_space(cfg),
+                tune_config=tune.TuneConfig(
+                    metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=cfg.sweep.num_samples,
+                    max_concurrent_trials=cfg.sweep.max_concurrent_trials, search_alg=build_search(cfg),
+                    scheduler=build_scheduler(cfg), reuse_actors=True,
+                ),
+                run_config=tune.RunConfig(
+                    name=name, storage_path=storage, callbacks=[callback], verbose=verbose,
+                    # PBT clones other trials' checkpoints: keep them all (Tune warns about <= 2).
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None if uses_pbt(cfg) else 2),
+                ),
+            )
+        fitting = True
         grid = tuner.fit()
-        status = "FINISHED"
+        interrupted = _unfinished(folder, len(grid), expected_trials(cfg))
+        ended = True
+    except BaseException:
+        interrupted = True  # a second Ctrl-C, or Tune failing: what ran is kept; --resume continues
+        raise
     finally:
         for dev, _handles in started:
             stop_device(dev.name, dev.replicas)
-        if status != "FINISHED":
+        if tracker.parent_run_id is not None and not fitting:  # nothing ran: a new start may follow
             tracker.finish(None, "FAILED")
-    paths = list(cfg.sampled_paths())
-    outcome = SweepOutcome(name, uri, cfg.tracking.experiment, parent, storage_path=storage)
-    for result in grid:
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+            write_marker(folder, status="failed")
+        elif tracker.parent_run_id is not None and (interrupted or not ended):
+            tracker.interrupt()
+            write_marker(folder, status="interrupted")
+
+    outcome = SweepOutcome(name, uri, cfg.tracking.experiment, parent, storage_path=storage,
+                           interrupted=interrupted, resumed=marker is not None)
+    runs = {r.data.tags.get("physfarm.trial_id"): r.info.run_id for r in tracker.children()}
+    keys = _sampled_keys(cfg)
+    statuses = _saved_statuses(folder) if interrupted else {}
+    live = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
+    for i, result in enumerate(grid):
+        trial_id = (result.metrics or {}).get("trial_id") or (live[i].trial_id if i < len(live) else None) \
+            or Path(result.path).name
+        resolved = resolve_train(dict((result.config or {}).get("train", {})), devices)
+        status_of = "ERROR" if result.error else statuses.get(trial_id, "TERMINATED")
         outcome.rows.append(TrialRow(
             trial_id=trial_id,
-            config={p.removeprefix("train."): _pick(result.config, p) for p in paths},
+            config={k: _pick(resolved, k) for k in keys},
             metrics=dict(result.metrics or {}),
-            status="ERROR" if result.error else "TERMINATED",
+            status=status_of,
             error=_last_line(result.error) if result.error else None,
+            run_id=runs.get(trial_id),
         ))
+    if interrupted:
+        return outcome
     board = outcome.leaderboard(cfg.sweep.metric, cfg.sweep.mode)
     best = board[0] if board and board[0].status == "TERMINATED" else None
-    tracker.finish({"trial_id": best.trial_id, "metrics": best.metrics} if best else None)
+    tracker.finish({"trial_id": best.trial_id, "run_id": best.run_id, "metrics": best.metrics} if best else None,
+                   leaderboard=[_row_json(i, r, cfg.sweep.metric) for i, r in enumerate(board, 1)])
+    write_marker(folder, status="finished")
     return outcome
+
+
+def expected_trials(cfg: FarmConfig) -> int:
+    """How many trials the sweep runs in all (grid points times samples; Optuna: num_samples)."""
+    import math
+
+    from .space import is_sampler, samplers
+    from .trainspec import for_method, methods_of
+
+    n = cfg.sweep.num_samples
+    if cfg.sweep.search != "default":
+        return n
+
+    def grid_points(section: dict) -> int:
+        return math.prod(len(args) for form, args in samplers(section, "train").values() if form == "grid")
+
+    value = cfg.train.get("method")
+    if is_sampler(value) and "grid" in value:
+        return n * sum(grid_points(for_method(cfg.train, m)) for m in methods_of(cfg.train))
+    return n * grid_points(cfg.train)
+
+
+def _unfinished(folder: Path, seen: int, expected: int) -> bool:
+    """Did Tune stop before every trial ended (Ctrl-C, SIGTERM)? Tune's last saved experiment state
+    tells (the live trial objects are already cleaned up), and trials not yet created count too."""
+    from ray.tune import ExperimentAnalysis
+
+    if seen < expected:
+        return True
+    try:
+        trials = ExperimentAnalysis(str(folder)).trials
+    except Exception:  # noqa: BLE001 - no readable state: assume it ended
+        return False
+    return any(t.status not in ("TERMINATED", "ERROR") for t in trials) or len(trials) < expected
+
+
+def _saved_statuses(folder: Path) -> dict[str, str]:
+    """Each trial's status in Tune's last saved experiment state (PENDING/RUNNING/PAUSED: unfinished)."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return {t.trial_id: t.status for t in ExperimentAnalysis(str(folder)).trials}
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+def _leaf_paths(node: dict, prefix: str = "") -> list[str]:
+    from .space import is_sampler
+
+    out = []
+    for k, v in node.items():
+        path = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and not is_sampler(v):
+            out += _leaf_paths(v, path)
+        else:
+            out.append(path)
+    return out
+
+
+def _sampled_keys(cfg: FarmConfig) -> list[str]:
+    """Leaderboard columns: the sampled train keys, a method section's keys without the section."""
+    from trainers.registry import METHODS
+
+    keys = []
+    for path in cfg.sampled_paths():
+        parts = path.split(".")[1:]
+        if len(parts) > 1 and parts[0] in METHODS:
+            parts = parts[1:]
+        key = ".".join(parts)
+        if key not in keys:
+            keys.append(key)
+    return keys
+
+
+def _row_json(rank: int, row: TrialRow, metric: str) -> dict:
+    return {"rank": rank, "trial_id": row.trial_id, "run_id": row.run_id, "status": row.status,
+            "config": row.config, metric: row.metrics.get(metric), "epoch": row.metrics.get("epoch"),
+            "device_s": row.metrics.get("device_s"), "error": row.error}
+
+
+__all__ = ["run_sweep", "SweepOutcome", "TrialRow", "init_ray", "check_resumable", "read_marker", "PARENT_TAG"]

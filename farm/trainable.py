@@ -1,8 +1,21 @@
-"""The one thin adapter that makes any trainer a Ray Tune trainable."""
+"""The one thin adapter that makes any trainer a Ray Tune trainable (and `physfarm train` reuses its
+reporting without Tune).
+
+Per epoch a trainer calls `report(metrics, state)`; the adapter adds this training's device
+accounting (cumulative over the whole training, also across restores: `device_s`, `queue_wait_s`,
+`device_requests`) and writes a checkpoint folder:
+  state.pt          everything the trainer needs to resume (tune.get_checkpoint() restores it)
+  params.npz        trained theta and digital weights, for people
+  twin.pt           the trainer's twin, when its state has one
+  predictions.npz   y_true, y_pred of the test set (last epoch only; see farm.predictions)
+  accounting.json   the device accounting at this checkpoint (so a restore continues the count)
+"""
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -12,42 +25,126 @@ from trainers.registry import method
 
 from .client import DeviceClient
 from .data import DataConfig, load_dataset
+from .predictions import test_predictions
+from .trainspec import resolve_train
+
+ACCOUNTING = ("device_s", "queue_wait_s", "device_requests")
 
 
-def save_checkpoint_dir(folder: Path, state: dict) -> None:
-    """state.pt (to resume) and params.npz (trained theta and digital weights, for people)."""
+def save_checkpoint_dir(folder: Path, state: dict, accounting: dict | None = None,
+                        predictions: tuple | None = None) -> None:
+    folder = Path(folder)
     torch.save(state, folder / "state.pt")
     model = state.get("model", {})
     arrays = {k.replace(".", "_"): v.detach().cpu().numpy() for k, v in model.items()
               if isinstance(v, torch.Tensor)}
     np.savez(folder / "params.npz", **arrays)
+    if state.get("twin") is not None:
+        torch.save(state["twin"], folder / "twin.pt")
+    if predictions is not None:
+        np.savez(folder / "predictions.npz", y_true=predictions[0], y_pred=predictions[1])
+    if accounting is not None:
+        (folder / "accounting.json").write_text(json.dumps(accounting))
+
+
+def load_checkpoint(checkpoint: tune.Checkpoint | None) -> tuple[dict | None, dict]:
+    """(the trainer's state, the device accounting at the checkpoint)."""
+    if checkpoint is None:
+        return None, {}
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / "state.pt", weights_only=False)
+        acc = Path(folder) / "accounting.json"
+        accounting = json.loads(acc.read_text()) if acc.exists() else {}
+    return state, accounting
 
 
 def load_checkpoint_state(checkpoint: tune.Checkpoint | None) -> dict | None:
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as folder:
-        return torch.load(Path(folder) / "state.pt", weights_only=False)
+    return load_checkpoint(checkpoint)[0]
 
 
-def run_trial(config: dict, data: dict) -> None:
+def apply_config_to_state(state: dict, config) -> dict:
+    """PBT restores a trial from a checkpoint with a mutated config: the optimiser states in the
+    checkpoint must take the new learning rates (torch's load_state_dict would bring back the old)."""
+    groups = []
+    for key, lr_field in (("optimizer", "lr"), ("optimizers", "lr"), ("readout_optimizer", "readout_lr")):
+        value = state.get(key)
+        lr = getattr(config, lr_field, None)
+        if value is None or lr is None:
+            continue
+        for opt_state in value if isinstance(value, list) else [value]:
+            if isinstance(opt_state, dict):
+                groups += [(g, lr) for g in opt_state.get("param_groups", [])]
+    for group, lr in groups:
+        group["lr"] = float(lr)
+    return state
+
+
+class EpochReporter:
+    """The trainer's `report`: adds device accounting, saves the checkpoint folder, hands both on.
+
+    sink(metrics, folder) is called with a folder that exists only during the call.
+    """
+
+    def __init__(self, device, method_name: str, config, data, sink: Callable[[dict, Path], None],
+                 accounting: dict | None = None):
+        self.device = device
+        self.method_name = method_name
+        self.config = config
+        self.data = data
+        self.sink = sink
+        self.total = {k: float((accounting or {}).get(k, 0.0)) for k in ACCOUNTING}  # from the checkpoint
+        self.last = self._usage()  # the actor may have served this client before (a restore)
+
+    def _usage(self) -> dict:
+        try:
+            u = self.device.client_stats()
+        except Exception:  # noqa: BLE001 - a device without accounting (e.g. a local simulator)
+            u = {}
+        return {"device_s": float(u.get("device_s", 0.0)), "queue_wait_s": float(u.get("wait_s", 0.0)),
+                "device_requests": float(u.get("requests", 0.0))}
+
+    def _advance(self) -> dict:
+        """Add what the device counted since the last look. A restarted actor counts from zero again:
+        a count that went down is all new."""
+        now = self._usage()
+        for k in ACCOUNTING:
+            delta = now[k] - self.last[k]
+            self.total[k] += delta if delta >= 0 else now[k]
+        self.last = now
+        return dict(self.total)
+
+    def __call__(self, metrics: dict, state: dict | None) -> None:
+        predictions = None
+        last = int(metrics.get("epoch", 0)) >= int(getattr(self.config, "epochs", 0) or 0)
+        if state is not None and last:  # measured before the accounting, so it is counted
+            predictions = test_predictions(self.method_name, self.config, self.device, self.data, state)
+        accounting = self._advance()
+        metrics = dict(metrics, **accounting)
+        with tempfile.TemporaryDirectory() as folder:
+            if state is not None:
+                save_checkpoint_dir(Path(folder), state, accounting, predictions)
+            self.sink(metrics, Path(folder) if state is not None else None)
+
+
+def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: bool = False) -> None:
     """Tune trainable: validate this trial's train config, find the device once, train, report."""
-    m = method(config["train"].get("method", "pat"))
-    train_cfg = m.config_class.model_validate(config["train"])
+    train = resolve_train(dict(config["train"]), list(devices or []))
+    name = str(train.get("method", "pat"))
+    m = method(name)
+    train_cfg = m.config_class.model_validate(train)
     ctx = tune.get_context()
     client_id = f"{ctx.get_experiment_name()}/{ctx.get_trial_id()}"
     device = DeviceClient(train_cfg.device, client_id=client_id).connect()
     dataset = load_dataset(DataConfig(**data))
+    state, accounting = load_checkpoint(tune.get_checkpoint())
+    if state is not None and pbt:
+        state = apply_config_to_state(state, train_cfg)
 
-    def report(metrics: dict, state: dict | None) -> None:
-        usage = device.client_stats()  # this trial's accounting at the device
-        metrics = dict(metrics, device_s=usage["device_s"], queue_wait_s=usage["wait_s"],
-                       device_requests=usage["requests"])
-        if state is None:
+    def sink(metrics: dict, folder: Path | None) -> None:
+        if folder is None:
             tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            save_checkpoint_dir(Path(folder), state)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        else:
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
 
-    m.train(train_cfg, device, dataset, report=report, state=load_checkpoint_state(tune.get_checkpoint()))
+    reporter = EpochReporter(device, name, train_cfg, dataset, sink, accounting)
+    m.train(train_cfg, device, dataset, report=reporter, state=state)

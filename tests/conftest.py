@@ -15,7 +15,7 @@ def ray_session():
     """A real local Ray for the whole module (2 CPUs, no dashboard), shut down afterwards."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, namespace="physfarm", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="physfarm", log_to_driver=False)
     yield ray
     ray.shutdown()
 

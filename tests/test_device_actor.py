@@ -117,7 +117,7 @@ def test_requests_larger_than_max_rows_are_split(ray_session):
 def test_device_fault_fails_the_request_with_a_device_error(ray_session):
     handles = start_device(DeviceConfig(name="faulty", system={"kind": "oscillators", "n": N, "fault_rate": 1.0}))
     try:
-        c = DeviceClient("faulty").connect()
+        c = DeviceClient("faulty", retries=0).connect()
         with pytest.raises(DeviceError, match="fault"):
             c.forward(_x(2), np.zeros(N_PARAMS, np.float32))
         assert ray.get(handles[0].stats.remote())["errors"] == 1

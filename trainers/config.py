@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class TrainerConfig(BaseModel):
@@ -23,6 +23,72 @@ class TrainerConfig(BaseModel):
     torch_threads: int = Field(default=1, ge=1, le=256, description="torch CPU threads in the trainer")
 
 
+class TwinConfig(BaseModel):
+    """The differentiable digital twin PAT takes its gradients from (and in-silico training trains on).
+
+    kind: `ideal` is the system's nominal physics as given (no measurement); `calibrated` is the ideal
+    model with fitted per-input and per-output gain/offset, plus any of its named buffers (physical
+    constants, e.g. oscillators' `eta`) promoted to fitted parameters; `mlp` is a neural network fitted
+    to measurements only; `residual` is the calibrated model plus a fitted MLP correction.
+    Fitting data are measured on the device (so through its actor in a sweep, accounted like any trial):
+    `thetas` parameter vectors, uniform over the safe envelope (a `focus` fraction of them concentrated
+    where the training is), `samples // thetas` uniform inputs each, every measurement repeated
+    `repeats` times and averaged. A fitted twin is cached on disk keyed by the device and these
+    settings, so the trials of a sweep share one twin.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["ideal", "calibrated", "mlp", "residual"] = "ideal"
+    samples: int = Field(default=4096, ge=8, le=10_000_000, description="measured rows to fit on")
+    thetas: int = Field(default=64, ge=1, description="distinct parameter vectors among them")
+    repeats: int = Field(default=1, ge=1, le=1000, description="measurements averaged per row")
+    focus: float = Field(default=0.0, ge=0.0, le=1.0,
+                         description="fraction of the parameter vectors drawn around where training is "
+                                     "(at the start: the initialisation box; on refresh: the current theta)")
+    focus_width: float = Field(default=0.1, gt=0.0, le=1.0,
+                               description="half-width of that neighbourhood, as a fraction of the envelope's")
+    holdout: float = Field(default=0.2, ge=0.0, lt=1.0, description="fraction held out to measure the twin error")
+    steps: int = Field(default=600, ge=0, le=1_000_000, description="optimiser steps of the fit")
+    fit_batch: int = Field(default=256, ge=1, description="rows per fitting step")
+    lr: float = Field(default=0.01, gt=0.0, le=10.0, description="learning rate of the fit")
+    hidden: int = Field(default=256, ge=1, le=65_536, description="mlp/residual: hidden width")
+    depth: int = Field(default=2, ge=1, le=16, description="mlp/residual: hidden layers")
+    calibrate: list[str] = Field(default_factory=list,
+                                 description="calibrated/residual: buffers of the ideal model fitted as "
+                                             "parameters (e.g. ['eta', 'coupling_error'] for oscillators)")
+    io_calibration: bool = Field(default=True, description="calibrated/residual: fit per-input and "
+                                 "per-output gain and offset")
+    seed: int = Field(default=0, ge=0, description="seeds the fitting data and the fit (not the trainer's "
+                                                   "seed, so the trials of a sweep share one twin)")
+    cache: bool = Field(default=True, description="reuse a twin fitted before for the same device and settings")
+    cache_dir: str | None = Field(default=None, description="cache folder (default $PHYSFARM_TWIN_CACHE or "
+                                                            "~/.cache/physfarm/twins)")
+    refresh_every: int = Field(default=0, ge=0, description="refit every this many epochs (0: never)")
+    refresh_ratio: float = Field(default=0.0, ge=0.0,
+                                 description="refit when the probe error exceeds this multiple of the probe "
+                                             "error just after the last fit (drift); 0: off")
+    refresh_threshold: float | None = Field(default=None, gt=0.0,
+                                            description="refit when the probe error exceeds this value")
+    refresh_samples: int | None = Field(default=None, ge=8, description="rows measured per refit "
+                                        "(default: samples)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_shorthand(cls, value):
+        return {"kind": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "TwinConfig":
+        if self.thetas > self.samples:
+            raise ValueError(f"thetas ({self.thetas}) must not exceed samples ({self.samples})")
+        return self
+
+    @property
+    def fitted(self) -> bool:
+        return self.kind != "ideal"
+
+
 class PATConfig(TrainerConfig):
     """Physics-aware training of a PNN: physical layers with element-wise affine rescaling between."""
 
@@ -31,3 +97,41 @@ class PATConfig(TrainerConfig):
     theta_init_scale: float = Field(default=0.1, ge=0.0, le=1.0,
                                     description="theta starts uniform in this fraction of the envelope")
     readout_scale: float = Field(default=5.0, gt=0.0, description="initial gain of the readout rescaling")
+    input_window: tuple[float, float] = Field(default=(0.0, 1.0),
+                                              description="fraction of the device's input range the "
+                                                          "features [0, 1] are mapped onto at the start")
+    rescale_init: Literal["fixed", "data"] = Field(
+        default="fixed", description="fixed: rescalings start as identity and readout_scale; data: set "
+        "from one measured batch (readout standardised, later layers' inputs spanning the input range)")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        default="constant", description="cosine: the learning rate decays to lr/20 over the epochs")
+    hybrid: bool = Field(default=False, description="digital linear layers (not only element-wise "
+                         "rescaling) between the physical layers: a hybrid physical-digital network")
+    twin: TwinConfig = Field(default_factory=TwinConfig,
+                             description="the digital twin for the backward pass (a kind name or a mapping)")
+
+    @model_validator(mode="after")
+    def _window(self) -> "PATConfig":
+        lo, hi = self.input_window
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"input_window must be (low, high) with 0 <= low < high <= 1, got ({lo}, {hi})")
+        return self
+
+
+class InSilicoConfig(PATConfig):
+    """The in-silico baseline: the same network trained on the twin alone (forward and backward), then
+    evaluated on the device; the gap to PAT is the simulation-reality gap."""
+
+    method: Literal["insilico"] = "insilico"  # type: ignore[assignment]
+
+
+class DigitalConfig(TrainerConfig):
+    """A plain digital MLP (no device in the loop), sized like the PNN it is compared with."""
+
+    method: Literal["digital"] = "digital"
+    hidden: int | None = Field(default=None, ge=1, le=65_536,
+                               description="hidden width (default: about the PNN's parameter count)")
+    depth: int = Field(default=1, ge=1, le=16, description="hidden layers")
+    pnn_layers: int = Field(default=1, ge=1, le=16,
+                            description="physical layers of the PNN whose parameter count is matched")
+    weight_decay: float = Field(default=0.0, ge=0.0)

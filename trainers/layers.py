@@ -26,10 +26,24 @@ class PhysicalLayer(torch.nn.Module):
         mid, half = (lo + hi) / 2, (hi - lo) / 2
         init = mid + theta_init_scale * half * (2 * torch.rand(spec.n_params, generator=generator) - 1)
         self.theta = torch.nn.Parameter(init.to(torch.float32))
+        # When `record` is on, the last (x, theta, y) this layer measured (detached): a free probe of
+        # how well the twin matches the device where the training is.
+        self.record = False
+        self.last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lo, hi = self.spec.input_range
-        return pat_apply(x.clamp(lo, hi), self.theta, self.device, self.twin)
+        x = x.clamp(lo, hi)
+        y = pat_apply(x, self.theta, self.device, self.twin)
+        if self.record:
+            self.last = (x.detach(), self.theta.detach().clone(), y.detach())
+        return y
+
+    def set_device(self, device) -> None:
+        self.__dict__["device"] = device
+
+    def set_twin(self, twin: torch.nn.Module) -> None:
+        self.__dict__["twin"] = twin
 
     @torch.no_grad()
     def project(self) -> None:

@@ -10,8 +10,9 @@ from typing import Callable
 
 from pydantic import BaseModel
 
-from .config import PATConfig
-from .pat import train_pat
+from .baselines import train_digital
+from .config import DigitalConfig, InSilicoConfig, PATConfig
+from .pat import train_insilico, train_pat
 from .phyll import PhyLLConfig, train_phyll
 
 
@@ -23,6 +24,8 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "pat": Method(PATConfig, train_pat),
+    "insilico": Method(InSilicoConfig, train_insilico),
+    "digital": Method(DigitalConfig, train_digital),
     "phyll": Method(PhyLLConfig, train_phyll),
 }
 

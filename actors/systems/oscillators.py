@@ -6,6 +6,9 @@ x -> q(0) (p(0) = 0); theta = [C (N*N, row-major), e (N)]; S = (C + C^T)/2 + cou
 output q(T), T = steps * dt (default 5 RK4 steps of 0.1), first n_outputs oscillators.
 The device has eta = 0.1 and a seeded symmetric coupling error (std 0.05); the ideal model has
 neither. Noise: Gaussian (std 0.02) on q(0).
+Drift (our addition; PHYSICS.md gives none for this system): the coupling error performs a seeded
+symmetric random walk, std `drift_coupling` per sqrt(clock unit) at drift=1 (a slowly wandering
+coupling, e.g. thermal). drift=0 (the default) leaves the device exactly as without drift.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ class OscillatorsConfig(SimConfig):
     eta: float = Field(default=0.1, description="device's nonlinearity error at mismatch=1")
     coupling_error: float = Field(default=0.05, ge=0.0, description="std of the coupling error at mismatch=1")
     input_noise: float = Field(default=0.02, ge=0.0, description="std of the noise on q(0) at noise=1")
+    drift_coupling: float = Field(default=0.002, ge=0.0,
+                                  description="coupling random-walk std per sqrt(call or second) at drift=1")
 
 
 class OscillatorsModel(torch.nn.Module):
@@ -75,9 +80,10 @@ class Oscillators(SimulatedSystem):
         # The device's fixed fabrication error: symmetric, seeded, independent of the noise stream.
         gen = torch.Generator().manual_seed(cfg.seed)
         a = torch.randn(n, n, generator=gen) * cfg.coupling_error * cfg.mismatch
+        self._coupling_error = (a + a.T) / 2 ** 0.5
         self._device_model = OscillatorsModel(
             n, self._n_out, cfg.dt, cfg.steps, eta=cfg.eta * cfg.mismatch,
-            coupling_error=(a + a.T) / 2 ** 0.5,
+            coupling_error=self._coupling_error,
         )
 
     @property
@@ -98,6 +104,10 @@ class Oscillators(SimulatedSystem):
         return OscillatorsModel(cfg.n, self._n_out, cfg.dt, cfg.steps)
 
     def _measure(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        n = self.config.n
+        walk = self.drift_walk("coupling", (n, n), self.config.drift_coupling)
+        if walk is not None:  # symmetric, like the coupling it perturbs
+            self._device_model.coupling_error = self._coupling_error + (walk + walk.T) / 2 ** 0.5
         sigma = self.config.input_noise * self.config.noise
         q0 = x + sigma * self._randn(*x.shape) if sigma > 0 else x
         y = self._device_model(q0, theta)

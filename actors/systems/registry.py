@@ -1,4 +1,9 @@
-"""Maps a system `kind` to its class; a kind may also be an import path 'package.module:Class'."""
+"""Maps a system `kind` to its class; a kind may also be an import path 'package.module:Class'.
+
+A user-defined system (see docs/devices.md) is any class with a `config_class` (a pydantic model
+with a `kind` field) whose instances follow the `PhysicalSystem` protocol; its module must be
+importable where it runs (on PYTHONPATH or installed), in the driver and in Ray workers alike.
+"""
 from __future__ import annotations
 
 import importlib
@@ -6,9 +11,23 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from ..instrument.client import Instrument
+from .cavity import Cavity
+from .circuit import Circuit
 from .oscillators import Oscillators
+from .plate import Plate
+from .recorded import Recorded
+from .shg import Shg
 
-BUILTIN: dict[str, type] = {"oscillators": Oscillators}
+BUILTIN: dict[str, type] = {
+    "oscillators": Oscillators,
+    "shg": Shg,
+    "plate": Plate,
+    "circuit": Circuit,
+    "cavity": Cavity,
+    "recorded": Recorded,
+    "instrument": Instrument,
+}
 
 
 def system_class(kind: str) -> type:
@@ -20,7 +39,10 @@ def system_class(kind: str) -> type:
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
-            raise ValueError(f"cannot import module '{module_name}' for system kind '{kind}': {exc}") from None
+            raise ValueError(
+                f"cannot import module '{module_name}' for system kind '{kind}': {exc}; put the module's "
+                f"folder on PYTHONPATH (for Ray workers too) or pip install the package that holds it"
+            ) from None
         cls = getattr(module, attr, None)
         if cls is None:
             raise ValueError(f"module '{module_name}' has no attribute '{attr}' (system kind '{kind}')")

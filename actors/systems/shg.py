@@ -1,0 +1,170 @@
+"""`shg`: broadband second-harmonic generation behind a pulse shaper (PAT's optical PNN), PHYSICS.md 2.
+
+Controls u = concat(x, theta) set the shaper's transmission per channel, u_k in [0, 1], M = n_inputs +
+n_params channels (default 48 + 16 = 64).
+  fundamental  a_k = g_k u_k s_k exp(i beta (k - k0)^2),  s_k = exp(-((k - k0)/w)^2), k0 = M/2, w = M/3
+               (g_k: the shaper's per-channel gain, 1 in the model)
+  SH field     E_n = sum_{k+l=n} a_k a_l,  n = 0 .. 2M-2   (a self-convolution, done by FFT)
+  detected     y_n = G eta_n |E_n|^2,  eta_n = sinc^2(kappa (n - n_c)),  kappa = 1.5/M, n_c = M
+               (sinc(z) = sin(pi z)/(pi z): the phase-matching band's first zeros sit 2M/3 bins
+               from its centre). The spectrometer images the `window_bins` SH bins centred on the
+               nominal n_c (default M, where the light is: the outer bins of 0 .. 2M-2 stay dark, so a
+               PNN reading its first outputs would read nothing; window_bins = 2M-1 images them all),
+               and adjacent imaged bins are summed into n_outputs (default M) outputs.
+G is fixed so that the nominal spectrum with every channel open (u = 1) peaks at 1.0 (units of the
+spectrometer's calibrated level); the ADC full scale is 1.25 of that, 12 bits by default.
+
+Device vs ideal model (mismatch=1): residual chirp beta = 0.02 rad/channel^2 (0 in the model); kappa
+and n_c off by 5 % (seeded signs); shaper gain error 3 % per channel (seeded). Noise (noise=1):
+common-mode laser power 1 % per measurement (the SH scales with its square) and detector noise 0.5 %
+of full scale; the 12-bit ADC (in device and model alike) clips at full scale. Drift (our addition,
+PHYSICS.md gives none for this system): the laser power performs a seeded log random walk of
+`drift_power` per sqrt(call or second) at drift=1.
+Latency: the real table needs about 5 ms per call (shaper refresh) + 2 ms per row (spectrometer
+exposure): set latency_call_s=0.005, latency_row_s=0.002 to have it slept (0 by default).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from ..spec import SystemSpec
+from .base import SimConfig, SimulatedSystem, quantise
+
+
+class ShgConfig(SimConfig):
+    kind: Literal["shg"] = "shg"
+    n_inputs: int = Field(default=48, ge=1, description="shaper channels driven by the data x")
+    n_params: int = Field(default=16, ge=0, description="shaper channels set by trainable theta")
+    n_outputs: int | None = Field(default=None, ge=1, description="spectrometer outputs (default M)")
+    window_bins: int | None = Field(default=None, ge=1, description="SH bins imaged, centred on n_c "
+                                    "(default M; at most 2M-1)")
+    adc_bits: int | None = Field(default=12, ge=1, le=32, description="spectrometer ADC bits (None = ideal)")
+    full_scale: float = Field(default=1.25, gt=0.0, description="ADC full scale, in units of the nominal peak")
+    kappa_m: float = Field(default=1.5, gt=0.0, description="phase-matching kappa times M")
+    beta: float = Field(default=0.02, description="device's residual chirp (rad/channel^2) at mismatch=1")
+    phase_matching_error: float = Field(default=0.05, ge=0.0, description="relative error of kappa and n_c")
+    gain_error: float = Field(default=0.03, ge=0.0, description="std of the per-channel shaper gain error")
+    laser_noise: float = Field(default=0.01, ge=0.0, description="relative laser power std per row at noise=1")
+    detector_noise: float = Field(default=0.005, ge=0.0, description="detector std, fraction of full scale")
+    drift_power: float = Field(default=0.001, ge=0.0, description="log laser power walk per sqrt(clock)")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "ShgConfig":
+        m = self.n_inputs + self.n_params
+        if m < 2:
+            raise ValueError(f"shg needs at least 2 shaper channels (n_inputs + n_params), got {m}")
+        window = self.window_bins or m
+        if window > 2 * m - 1:
+            raise ValueError(f"window_bins={window} exceeds the {2 * m - 1} SH bins of M={m} channels; "
+                             f"use window_bins <= {2 * m - 1}")
+        if self.n_outputs is not None and self.n_outputs > window:
+            raise ValueError(f"n_outputs={self.n_outputs} exceeds the {window} imaged SH bins "
+                             f"(window_bins); use n_outputs <= {window} or widen window_bins")
+        return self
+
+
+def binning_matrix(n_bins: int, n_outputs: int, start: int = 0, count: int | None = None) -> torch.Tensor:
+    """[n_bins, n_outputs] 0/1 matrix summing adjacent bins: of the `count` bins from `start` (default
+    all), bin start + j goes to output floor(j * n_outputs / count); the others go nowhere."""
+    count = n_bins - start if count is None else count
+    out = torch.zeros(n_bins, n_outputs)
+    j = torch.arange(count)
+    out[start + j, (j * n_outputs) // count] = 1.0
+    return out
+
+
+class ShgModel(torch.nn.Module):
+    """Differentiable SHG physics: forward(x[B, n_in], theta[B, n_params] or [n_params]) -> y[B, n_out].
+
+    `intensity` is the spectrum before the ADC; `forward` adds the (known) ADC.
+    """
+
+    def __init__(self, m: int, n_outputs: int, beta: float, kappa: float, n_c: float,
+                 gain: torch.Tensor, scale: float, full_scale: float, adc_bits: int | None,
+                 window_bins: int | None = None):
+        super().__init__()
+        self.m, self.n_outputs, self.adc_bits = m, n_outputs, adc_bits
+        self.full_scale = (0.0, float(full_scale))
+        self.scale = float(scale)
+        k = torch.arange(m, dtype=torch.float64)
+        k0, w = m / 2, m / 3
+        envelope = torch.exp(-((k - k0) / w) ** 2) * gain.to(torch.float64)
+        field = envelope * torch.exp(1j * beta * (k - k0) ** 2)  # [M] complex: s_k g_k e^{i beta (k-k0)^2}
+        self.register_buffer("field", field.to(torch.complex64))
+        n = torch.arange(2 * m - 1, dtype=torch.float64)
+        self.register_buffer("eta", (torch.sinc(kappa * (n - n_c)) ** 2).to(torch.float32))  # [2M-1]
+        window = window_bins or m
+        start = m - window // 2  # centred on the nominal n_c = M (the calibration does not drift)
+        self.register_buffer("bins", binning_matrix(2 * m - 1, n_outputs, start, window))  # [2M-1, n_out]
+        self._nfft = 2 * m  # >= 2M-1: the circular convolution equals the linear one
+
+    def intensity(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        if theta.ndim == 1:
+            theta = theta.expand(x.shape[0], -1)
+        u = torch.cat([x, theta], dim=1)  # [B, M] transmissions
+        a = u.to(torch.complex64) * self.field  # [B, M] fundamental field
+        spec = torch.fft.fft(a, n=self._nfft, dim=1)
+        e = torch.fft.ifft(spec * spec, dim=1)[:, : 2 * self.m - 1]  # [B, 2M-1] E_n = sum_{k+l=n} a_k a_l
+        sh = (e.real**2 + e.imag**2) * self.eta  # phase-matched SH power per bin
+        return self.scale * (sh @ self.bins)  # [B, n_out]
+
+    def forward(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return quantise(self.intensity(x, theta), self.full_scale, self.adc_bits)
+
+
+class Shg(SimulatedSystem):
+    config_class = ShgConfig
+
+    def __init__(self, config: ShgConfig | dict | None = None, **overrides):
+        super().__init__(config, **overrides)
+        cfg = self.config
+        m = self.m = cfg.n_inputs + cfg.n_params
+        gen = torch.Generator().manual_seed(cfg.seed)  # the device's fixed fabrication error
+        signs = torch.randint(0, 2, (2,), generator=gen).to(torch.float64) * 2 - 1
+        gain = 1 + cfg.gain_error * cfg.mismatch * torch.randn(m, generator=gen, dtype=torch.float64)
+        kappa, n_c = cfg.kappa_m / m, float(m)
+        rel = cfg.phase_matching_error * cfg.mismatch
+        # G: a calibration constant fixed by the nominal physics (u = 1 everywhere peaks at 1.0).
+        probe = ShgModel(m, self._n_out, 0.0, kappa, n_c, torch.ones(m), 1.0, cfg.full_scale, None,
+                         cfg.window_bins)
+        with torch.no_grad():
+            self._scale = 1.0 / float(probe.intensity(torch.ones(1, m), torch.zeros(0)).max())
+        self._nominal = dict(m=m, n_outputs=self._n_out, beta=0.0, kappa=kappa, n_c=n_c,
+                             gain=torch.ones(m), scale=self._scale, window_bins=cfg.window_bins)
+        self._device_model = ShgModel(
+            m, self._n_out, cfg.beta * cfg.mismatch, kappa * (1 + rel * float(signs[0])),
+            n_c * (1 + rel * float(signs[1])), gain, self._scale, cfg.full_scale, cfg.adc_bits,
+            cfg.window_bins)
+
+    @property
+    def _n_out(self) -> int:
+        return self.config.n_outputs or (self.config.n_inputs + self.config.n_params)
+
+    @property
+    def spec(self) -> SystemSpec:
+        cfg = self.config
+        return SystemSpec(
+            name="shg", n_inputs=cfg.n_inputs, n_params=cfg.n_params, n_outputs=self._n_out,
+            input_range=(0.0, 1.0), param_range=(0.0, 1.0), max_rows=cfg.max_rows,
+            latency_s=self._spec_latency(),
+        )
+
+    def ideal_model(self) -> torch.nn.Module:
+        return ShgModel(**self._nominal, full_scale=self.config.full_scale, adc_bits=self.config.adc_bits)
+
+    def _measure(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        cfg, model = self.config, self._device_model
+        y = model.intensity(x, theta)  # [B, n_out]
+        walk = self.drift_walk("log_power", (1,), cfg.drift_power)
+        if walk is not None:  # slow laser power drift; the SH goes as its square
+            y = y * torch.exp(2 * walk)
+        if cfg.noise > 0:
+            power = 1 + cfg.laser_noise * cfg.noise * self._randn(x.shape[0], 1)  # per-row pulse energy
+            y = y * power**2 + cfg.detector_noise * cfg.noise * cfg.full_scale * self._randn(*y.shape)
+        return quantise(y, model.full_scale, cfg.adc_bits, straight_through=False)
+
+
+__all__ = ["Shg", "ShgConfig", "ShgModel", "binning_matrix"]

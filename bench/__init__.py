@@ -1,0 +1,1 @@
+"""Benchmarks: each script writes JSON figures to bench/results/ (TARGETS.md)."""

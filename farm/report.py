@@ -1,0 +1,185 @@
+"""`physfarm report`: a sweep's leaderboard read back from MLflow; `physfarm ui`: the MLflow UI on the
+configured store, bound to 127.0.0.1 unless told otherwise."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from .errors import ConfigError
+
+EXIT_NOTHING = 1
+
+
+def _uri(args) -> str:
+    from .tracking import check_reachable, resolve_tracking_uri, sqlite_path
+
+    config_uri = None
+    if getattr(args, "config", None):
+        from .config import load_config
+
+        config_uri = load_config(args.config).tracking.uri
+    uri = resolve_tracking_uri(args.tracking_uri, config_uri)
+    check_reachable(uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.exists() and getattr(args, "must_exist", True):
+        raise ConfigError(f"--tracking-uri: no MLflow store at {db} (run a sweep first, or pass --tracking-uri)")
+    return uri
+
+
+def _config_experiment(args) -> str | None:
+    if getattr(args, "config", None):
+        from .config import load_config
+
+        return load_config(args.config).tracking.experiment
+    return None
+
+
+def find_sweep(client, experiment: str | None, sweep: str | None):
+    """The parent run of the named sweep (or the latest sweep) in the experiment (or in any)."""
+    if experiment:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            names = sorted(e.name for e in client.search_experiments())
+            raise LookupError(f"no MLflow experiment '{experiment}'; experiments: {', '.join(names) or 'none'}")
+        ids = [exp.experiment_id]
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    if not ids:
+        raise LookupError("the tracking store has no experiments yet")
+    flt = "tags.`physfarm.kind` = 'sweep'"
+    if sweep:
+        flt += f" and tags.`physfarm.sweep` = '{sweep}'"
+    runs = client.search_runs(ids, filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        where = f"experiment '{experiment}'" if experiment else "the tracking store"
+        raise LookupError(f"no physfarm sweep{' named ' + repr(sweep) if sweep else ''} in {where}")
+    return runs[0]
+
+
+def leaderboard(client, parent) -> dict:
+    from .tracking import PARENT_TAG
+
+    metric = parent.data.params.get("sweep.metric", "test_accuracy")
+    mode = parent.data.params.get("sweep.mode", "max")
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
+                                  max_results=50_000)
+    # Columns: the train params that differ between trials.
+    keys = sorted({k for r in children for k in r.data.params if k.startswith("train.")})
+    varying = [k for k in keys if len({r.data.params.get(k) for r in children}) > 1]
+
+    def rank_key(run):
+        value = run.data.metrics.get(metric)
+        if run.info.status != "FINISHED" or value is None or value != value:
+            return (1, 0.0)
+        return (0, -value if mode == "max" else value)
+
+    rows = []
+    for i, run in enumerate(sorted(children, key=rank_key), 1):
+        m = run.data.metrics
+        rows.append({
+            "rank": i, "trial_id": run.data.tags.get("physfarm.trial_id"), "run_id": run.info.run_id,
+            "status": run.info.status,
+            "params": {k.removeprefix("train."): run.data.params.get(k) for k in varying},
+            "metrics": {k: m[k] for k in sorted(m)},
+            "error": (run.data.tags.get("physfarm.error") or "").strip().splitlines()[-1:] or None,
+        })
+        if rows[-1]["error"]:
+            rows[-1]["error"] = rows[-1]["error"][0][:200]
+    return {"experiment": client.get_experiment(parent.info.experiment_id).name,
+            "sweep": parent.data.tags.get("physfarm.sweep"), "parent_run_id": parent.info.run_id,
+            "status": parent.info.status, "metric": metric, "mode": mode,
+            "best_trial": parent.data.tags.get("physfarm.best_trial"), "trials": rows}
+
+
+def format_report(board: dict) -> str:
+    from .cli import format_table
+
+    metric = board["metric"]
+    params = list(dict.fromkeys(k for r in board["trials"] for k in r["params"]))
+    table = [["rank", "trial", *params, metric, "epoch", "device_s", "status"]]
+    for r in board["trials"]:
+        m = r["metrics"]
+        value = m.get(metric)
+        table.append([str(r["rank"]), str(r["trial_id"]), *(str(r["params"].get(k)) for k in params),
+                      f"{value:.4f}" if isinstance(value, (int, float)) else "-",
+                      str(r["epoch"]) if r.get("epoch") is not None else "-",
+                      f"{m['device_s']:.2f}" if isinstance(m.get("device_s"), (int, float)) else "-",
+                      r["status"] + (f": {r['error']}" if r["error"] else "")])
+    head = (f"Sweep '{board['sweep']}' ({board['status']}) in experiment '{board['experiment']}', "
+            f"run {board['parent_run_id']}: {len(board['trials'])} trials by {metric} ({board['mode']})")
+    return head + "\n" + format_table(table)
+
+
+def cmd_report(args) -> int:
+    from mlflow.tracking import MlflowClient
+
+    uri = _uri(args)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        parent = find_sweep(client, args.experiment or _config_experiment(args), args.sweep)
+    except LookupError as err:
+        print(f"physfarm report: {err} (store {uri})", file=sys.stderr)
+        return EXIT_NOTHING
+    board = leaderboard(client, parent)
+    # The epoch a trial reached: the last step of its metric history.
+    for row in board["trials"]:
+        history = client.get_metric_history(row["run_id"], board["metric"])
+        row["epoch"] = max((h.step for h in history), default=None)
+    if args.json:
+        print(json.dumps(board, indent=1, default=str))
+    else:
+        print(format_report(board))
+    return 0
+
+
+def mlflow_executable() -> str:
+    local = Path(sys.executable).parent / "mlflow"
+    return str(local) if local.exists() else (shutil.which("mlflow") or "mlflow")
+
+
+def ui_command(uri: str, host: str, port: int, workers: int = 1) -> list[str]:
+    return [mlflow_executable(), "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+            "--workers", str(workers)]
+
+
+def cmd_ui(args) -> int:
+    args.must_exist = False
+    uri = _uri(args)
+    if uri.startswith(("http://", "https://")):
+        print(f"The tracking store is a server; its UI is at {uri}")
+        return 0
+    cmd = ui_command(uri, args.host, args.port, args.workers)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"physfarm ui: warning: listening on {args.host}: anyone who can reach this machine can read "
+              f"and change the runs (MLflow's UI has no login)", file=sys.stderr)
+    print(f"MLflow UI on http://{args.host}:{args.port} for {uri} (Ctrl-C stops it)", file=sys.stderr)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os.execv(cmd[0], cmd)  # the UI replaces this process: signals reach it directly
+    return 0  # not reached
+
+
+def add_report_parser(sub) -> None:
+    p = sub.add_parser("report", help="print a sweep's leaderboard from MLflow")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: the config's, or any)")
+    p.add_argument("--sweep", default=None, help="sweep name (default: the latest sweep)")
+    p.add_argument("--config", default=None, help="take the tracking store and experiment from this config")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, the config's, or ./mlflow.db)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_report)
+
+
+def add_ui_parser(sub) -> None:
+    p = sub.add_parser("ui", help="start the MLflow UI on the tracking store (127.0.0.1 by default)")
+    p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
+    p.add_argument("--config", default=None, help="take the tracking store from this config")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, the config's, or ./mlflow.db)")
+    p.set_defaults(func=cmd_ui)

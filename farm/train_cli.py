@@ -1,0 +1,200 @@
+"""`physfarm train CONFIG`: one training, no Tune: the trainer function runs directly in this process
+against the config's device (started as a Ray actor like in a sweep, or found in a standing pool),
+with a progress bar on stderr, logged to MLflow like one trial of a sweep (one run: the same params,
+per-epoch metrics and artifacts).
+
+Search spaces in `train`: `grid` and `choice` take their first value (noted on stderr; `physfarm
+sweep` tries them all); ranges (uniform, loguniform, randint and their q-forms) are refused, since
+no single value stands for them. With a method grid the first method runs, its section merged in.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def pick_first(train: dict, prefix: str = "train") -> tuple[dict, list[str]]:
+    """`train` with each grid/choice replaced by its first value; ConfigError for ranges."""
+    from .space import is_sampler
+
+    notes: list[str] = []
+    out = {}
+    for key, value in train.items():
+        path = f"{prefix}.{key}"
+        if is_sampler(value):
+            form, args = next(iter(value.items()))
+            if form not in ("grid", "choice"):
+                raise ConfigError(f"{path}: '{form}' is a search space, and `physfarm train` runs one "
+                                  f"training: give one value (or use `physfarm sweep`)")
+            out[key] = args[0]
+            if len(args) > 1:
+                notes.append(f"{path}: {form} -> {args[0]!r} (the first value; `physfarm sweep` tries all)")
+        elif isinstance(value, dict):
+            out[key], more = pick_first(value, path)
+            notes += more
+        else:
+            out[key] = value
+    return out, notes
+
+
+class ProgressBar:
+    """A one-line progress bar on a stream (redrawn in place on a terminal, a line per epoch otherwise)."""
+
+    def __init__(self, total: int, stream=None, width: int = 24, start_epoch: int = 0):
+        self.total = max(1, int(total))
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.t0 = time.monotonic()
+        self.start_epoch = start_epoch
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._drawn = False
+
+    def line(self, epoch: int, metrics: dict) -> str:
+        done = min(self.width, round(self.width * epoch / self.total))
+        elapsed = time.monotonic() - self.t0
+        per = elapsed / max(1, epoch - self.start_epoch)
+        eta = per * (self.total - epoch)
+        parts = [f"[{'#' * done}{'.' * (self.width - done)}] epoch {epoch}/{self.total}"]
+        for key, label in (("loss", "loss"), ("train_accuracy", "train"), ("test_accuracy", "test"),
+                           ("device_s", "device_s")):
+            value = metrics.get(key)
+            if isinstance(value, (int, float)):
+                parts.append(f"{label} {value:.3f}" if key != "device_s" else f"{label} {value:.2f}")
+        parts.append(f"{elapsed:.0f}s elapsed, eta {eta:.0f}s")
+        return "  ".join(parts)
+
+    def update(self, epoch: int, metrics: dict) -> None:
+        text = self.line(epoch, metrics)
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + text)
+            self._drawn = True
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config)  # validates everything (every method, every value) first
+    train, notes = pick_first(cfg.train)
+    from .trainspec import resolve_train, validate_train
+
+    devices = [d.name for d in cfg.devices]
+    train_cfg = validate_train(train, devices)
+    resolved = resolve_train(train, devices)
+    method_name = str(resolved.get("method", "pat"))
+    from .tracking import check_reachable, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri, cfg.tracking.uri)
+    check_reachable(uri)  # an unreachable tracking server: one line, before anything starts
+    for note in notes:
+        print(f"physfarm train: {note}", file=sys.stderr)
+    return run_training(cfg, train_cfg, method_name, uri, address=args.address, name=args.name,
+                        quiet=args.quiet)
+
+
+def run_training(cfg, train_cfg, method_name: str, uri: str, address: str | None = None,
+                 name: str | None = None, quiet: bool = False, stream=None) -> int:
+    """Train once and log one MLflow run; returns the exit code (0: finished, 1: the training failed)."""
+    from mlflow.tracking import MlflowClient
+
+    from trainers.registry import method
+
+    from .client import DeviceClient
+    from .data import load_dataset
+    from .pool import find_device, start_device, stop_device
+    from .sweep import init_ray
+    from .tracking import get_or_create_experiment, log_epoch, log_failure, log_outcome, log_params
+    from .trainable import EpochReporter
+
+    stream = stream or sys.stderr
+    resolved = train_cfg.model_dump(mode="json")
+    run_name = name or f"{cfg.sweep.name or 'train'}-{method_name}-{train_cfg.device}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = get_or_create_experiment(client, cfg.tracking.experiment, uri)
+
+    init_ray(address)
+    dev = cfg.device(train_cfg.device)
+    started = find_device(dev.name) is None
+    handles = start_device(dev) if started else []  # the actors live as long as their handles
+    run = client.create_run(experiment_id, run_name=run_name,
+                            tags={"physfarm.kind": "train", "physfarm.method": method_name,
+                                  "physfarm.device": str(train_cfg.device)})
+    run_id = run.info.run_id
+    log_params(client, run_id, {"train": resolved, "data": cfg.data.model_dump(mode="json")})
+    import yaml
+
+    client.log_text(run_id, yaml.safe_dump({"train": resolved, "data": cfg.data.model_dump(mode="json")},
+                                           sort_keys=False), "config.yaml")
+    keep = Path(tempfile.mkdtemp(prefix="physfarm-train-"))
+    bar = None if quiet else ProgressBar(train_cfg.epochs, stream)
+    last: dict = {}
+
+    def sink(metrics: dict, folder: Path | None) -> None:
+        last.clear()
+        last.update(metrics)
+        log_epoch(client, run_id, metrics, int(metrics.get("epoch", 0)))
+        if folder is not None:  # keep the latest checkpoint folder for the final artifacts
+            shutil.rmtree(keep, ignore_errors=True)
+            shutil.copytree(folder, keep)
+        if bar is not None:
+            bar.update(int(metrics.get("epoch", 0)), metrics)
+
+    try:
+        device = DeviceClient(train_cfg.device, client_id=f"train/{run_id}").connect()
+        data = load_dataset(cfg.data)
+        m = method(method_name)
+        reporter = EpochReporter(device, method_name, train_cfg, data, sink)
+        m.train(train_cfg, device, data, report=reporter, state=None)
+    except BaseException as err:
+        if bar is not None:
+            bar.close()
+        import traceback
+
+        log_failure(client, run_id, "".join(traceback.format_exception(err)))
+        log_outcome(client, run_id, keep if any(keep.iterdir()) else None, run_name)
+        client.set_terminated(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        if isinstance(err, (KeyboardInterrupt, ConfigError)):
+            raise
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        print(f"physfarm train: failed: {type(err).__name__}: {lines[-1] if lines else ''} "
+              f"(MLflow run {run_id})", file=sys.stderr)
+        return 1
+    finally:
+        if started:
+            stop_device(dev.name, dev.replicas)
+            handles.clear()
+    if bar is not None:
+        bar.close()
+    log_outcome(client, run_id, keep, run_name)
+    client.set_terminated(run_id, "FINISHED")
+    shutil.rmtree(keep, ignore_errors=True)
+    acc = last.get("test_accuracy")
+    print(f"Trained {method_name} on device '{train_cfg.device}': test_accuracy "
+          f"{acc:.4f}" if isinstance(acc, (int, float)) else "Trained: no test accuracy reported")
+    print(f"MLflow: experiment '{cfg.tracking.experiment}', run {run_id}, store {uri}")
+    return 0
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="run one training (no Tune) from a YAML config, logged to MLflow",
+                       description="Run one training from a sweep config, without Tune: grid/choice take "
+                                   "their first value; ranges are refused.")
+    p.add_argument("config", help="config YAML (the same format as `physfarm sweep`)")
+    p.add_argument("--address", default=None, help="existing Ray cluster address (default: start a local Ray)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, the config's, or ./mlflow.db)")
+    p.add_argument("--name", default=None, help="MLflow run name (default: <sweep.name>-<method>-<device>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)

@@ -1,0 +1,339 @@
+"""How a sweep searches and schedules: Tune's search algorithms and schedulers from the config, and a
+device-aware scheduler that caps the trials running on each device at once.
+
+    sweep:
+      search: optuna                     # default: Tune's own (grid and random sampling)
+      scheduler: {kind: asha, time_attr: device_s, max_t: 30, grace_period: 5}
+      max_trials_per_device: {optics: 1} # or one number for every device
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from .errors import ConfigError
+from .space import FORMS, _check, _to_tune, is_sampler
+from .trainspec import for_method, methods_of, resolved_config, trial_device
+
+if TYPE_CHECKING:
+    from .config import FarmConfig
+
+TIME_ATTRS = ("training_iteration", "epoch", "device_s", "time_total_s")
+ASHA_FIELDS = ("max_t", "grace_period", "reduction_factor", "brackets")
+PBT_FIELDS = ("perturbation_interval", "burn_in_period", "hyperparam_mutations", "quantile_fraction",
+              "resample_probability", "synch")
+OPTUNA_EXTRA = "pip install 'physfarm[optuna]' (or: pip install optuna)"
+
+
+class SchedulerSettings(BaseModel):
+    """A Tune trial scheduler: ASHA (early stopping) or PBT (population based training)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["asha", "pbt"]
+    time_attr: Literal["training_iteration", "epoch", "device_s", "time_total_s"] = Field(
+        default="training_iteration",
+        description="what a trial's progress is measured in: epochs (training_iteration or epoch), "
+                    "device seconds this trial used (device_s) or wall-clock seconds (time_total_s)")
+    # ASHA
+    max_t: float | None = Field(default=None, gt=0, description="asha: stop every trial at this time "
+                                "(default: train.epochs when time_attr counts epochs)")
+    grace_period: float | None = Field(default=None, gt=0, description="asha: no trial stops before (default 1)")
+    reduction_factor: float | None = Field(default=None, gt=1, description="asha: keep 1/this per rung (default 4)")
+    brackets: int | None = Field(default=None, ge=1, le=16, description="asha: brackets (default 1)")
+    # PBT
+    perturbation_interval: float | None = Field(default=None, gt=0,
+                                                description="pbt: exploit/explore every this much time_attr")
+    burn_in_period: float | None = Field(default=None, ge=0, description="pbt: no perturbation before (default 0)")
+    hyperparam_mutations: dict[str, Any] | None = Field(
+        default=None, description="pbt: train fields to mutate: a list of values or a search space each")
+    quantile_fraction: float | None = Field(default=None, gt=0, le=0.5,
+                                            description="pbt: bottom fraction that clones the top (default 0.25)")
+    resample_probability: float | None = Field(default=None, ge=0, le=1,
+                                               description="pbt: chance to resample instead of perturb (default 0.25)")
+    synch: bool | None = Field(default=None, description="pbt: perturb all trials together at each interval "
+                               "(they wait for each other; default false: each trial on its own)")
+
+
+def _flat_mutations(node: dict, prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        path = f"{prefix}.{key}"
+        if isinstance(value, dict) and not is_sampler(value):
+            out.update(_flat_mutations(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def mutation_space(sched: SchedulerSettings) -> dict[str, tuple[str, list]]:
+    """PBT's mutations as {train path: (form, args)}, each checked; ConfigError names the key."""
+    where = "sweep.scheduler.hyperparam_mutations"
+    found = {}
+    for path, value in _flat_mutations(sched.hyperparam_mutations or {}, "").items():
+        key = path.lstrip(".")
+        here = f"{where}.{key}"
+        if isinstance(value, list):
+            if not value:
+                raise ConfigError(f"{here}: an empty list; give the values to choose from")
+            found[f"train.{key}"] = ("choice", value)
+        elif is_sampler(value):
+            form, args = next(iter(value.items()))
+            if form == "grid":
+                raise ConfigError(f"{here}: 'grid' cannot be mutated; use a list of values or one of "
+                                  f"{', '.join(f for f in FORMS if f != 'grid')}")
+            _check(here, form, args)
+            found[f"train.{key}"] = (form, args)
+        else:
+            raise ConfigError(f"{here}: give a list of values or a search space "
+                              f"({', '.join(f for f in FORMS if f != 'grid')}); got {value!r}")
+    return found
+
+
+def check_sweep(cfg: "FarmConfig") -> dict[str, tuple[str, list]]:
+    """Sweep settings that depend on each other and on `train`; returns PBT's mutation space."""
+    sw = cfg.sweep
+    names = [d.name for d in cfg.devices]
+    if sw.search == "optuna":
+        if importlib.util.find_spec("optuna") is None:
+            raise ConfigError(f"sweep.search: 'optuna' needs the optuna package, which is not installed: "
+                              f"{OPTUNA_EXTRA}")
+        from .space import samplers
+
+        for path, (form, _args) in samplers(cfg.train, "train").items():
+            if form == "grid":
+                raise ConfigError(f"{path}: 'grid' cannot be used with sweep.search: optuna (Optuna samples "
+                                  f"points one at a time); use 'choice' instead")
+    if isinstance(sw.max_trials_per_device, dict):
+        for dev in sw.max_trials_per_device:
+            if dev not in names:
+                raise ConfigError(f"sweep.max_trials_per_device.{dev}: not a configured device; one of {names}")
+    sched = sw.scheduler
+    if sched is None:
+        return {}
+    where = "sweep.scheduler"
+    wrong = PBT_FIELDS if sched.kind == "asha" else ASHA_FIELDS
+    for field in wrong:
+        if getattr(sched, field) is not None:
+            raise ConfigError(f"{where}.{field}: not a setting of kind '{sched.kind}'; its settings: "
+                              f"time_attr, {', '.join(ASHA_FIELDS if sched.kind == 'asha' else PBT_FIELDS)}")
+    if sched.kind == "asha":
+        if sched.time_attr in ("device_s", "time_total_s") and sched.max_t is None:
+            raise ConfigError(f"{where}.max_t: required when time_attr is {sched.time_attr} "
+                              f"(the seconds after which every trial stops)")
+        if sched.max_t is not None and (sched.grace_period or 1) > sched.max_t:
+            raise ConfigError(f"{where}.grace_period: must not exceed max_t ({sched.max_t})")
+        return {}
+    if sched.perturbation_interval is None:
+        raise ConfigError(f"{where}.perturbation_interval: required for kind 'pbt' "
+                          f"(in units of time_attr, e.g. 1 = every epoch)")
+    if not sched.hyperparam_mutations:
+        raise ConfigError(f"{where}.hyperparam_mutations: required for kind 'pbt', e.g. "
+                          f"{{lr: {{loguniform: [0.001, 0.1]}}}}")
+    if sw.search != "default":
+        raise ConfigError("sweep.search: PBT searches by itself (it mutates hyperparam_mutations); "
+                          "use the default search with scheduler kind 'pbt'")
+    return mutation_space(sched)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building Tune objects
+# ----------------------------------------------------------------------------------------------------
+def device_names(cfg: "FarmConfig") -> list[str]:
+    return [d.name for d in cfg.devices]
+
+
+def build_param_space(cfg: "FarmConfig") -> dict:
+    """Tune's param_space. A grid over methods becomes one grid branch per method, each with only its
+    own section merged in, so a search space in one method's section multiplies only that method's
+    trials (Tune expands grids nested in grid values)."""
+    from .space import to_param_space
+
+    train = cfg.train
+    value = train.get("method")
+    if cfg.sweep.search == "default" and is_sampler(value) and "grid" in value:
+        branches = [to_param_space(for_method(train, name)) for name in methods_of(train)]
+        return {"train": tune.grid_search(branches)}
+    return {"train": to_param_space(train)}
+
+
+def _max_epochs(cfg: "FarmConfig") -> int:
+    from .trainspec import cases
+
+    devices = device_names(cfg)
+    return max(int(resolved_config(c, devices)["epochs"]) for c in cases(cfg.train))
+
+
+def _mutations_to_tune(node: dict) -> dict:
+    out = {}
+    for key, value in node.items():
+        if is_sampler(value):
+            form, args = next(iter(value.items()))
+            out[key] = _to_tune(form, args)
+        elif isinstance(value, dict):
+            out[key] = _mutations_to_tune(value)
+        else:
+            out[key] = list(value)
+    return out
+
+
+def build_scheduler(cfg: "FarmConfig") -> TrialScheduler | None:
+    from ray.tune.schedulers import AsyncHyperBandScheduler, PopulationBasedTraining
+
+    sched = cfg.sweep.scheduler
+    inner: TrialScheduler | None = None
+    if sched is not None and sched.kind == "asha":
+        counts_epochs = sched.time_attr in ("training_iteration", "epoch")
+        inner = AsyncHyperBandScheduler(
+            time_attr=sched.time_attr,
+            max_t=sched.max_t if sched.max_t is not None else (_max_epochs(cfg) if counts_epochs else 100),
+            grace_period=sched.grace_period or 1, reduction_factor=sched.reduction_factor or 4,
+            brackets=sched.brackets or 1,
+        )
+    elif sched is not None and sched.kind == "pbt":
+        inner = PopulationBasedTraining(
+            time_attr=sched.time_attr, perturbation_interval=sched.perturbation_interval,
+            burn_in_period=sched.burn_in_period or 0.0,
+            hyperparam_mutations={"train": _mutations_to_tune(sched.hyperparam_mutations or {})},
+            quantile_fraction=sched.quantile_fraction or 0.25,
+            resample_probability=sched.resample_probability if sched.resample_probability is not None else 0.25,
+            synch=bool(sched.synch),
+        )
+    limits = device_limits(cfg)
+    if limits:
+        return DeviceLimitScheduler(inner or FIFOScheduler(), limits, device_names(cfg))
+    return inner
+
+
+def build_search(cfg: "FarmConfig"):
+    sw = cfg.sweep
+    if sw.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as err:  # checked with the config already; a worker may still lack it
+            raise ConfigError(f"sweep.search: 'optuna' needs the optuna package: {OPTUNA_EXTRA} ({err})") from None
+        return OptunaSearch(seed=sw.seed)
+    if sw.seed is not None:
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=sw.seed)
+    return None
+
+
+def device_limits(cfg: "FarmConfig") -> dict[str, int]:
+    value = cfg.sweep.max_trials_per_device
+    if value is None:
+        return {}
+    if isinstance(value, int):
+        return {name: value for name in device_names(cfg)}
+    return dict(value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device-aware scheduling
+# ----------------------------------------------------------------------------------------------------
+class _Visible:
+    """The controller as the inner scheduler sees it: waiting trials of full devices are hidden."""
+
+    def __init__(self, controller, hidden: set):
+        self._controller = controller
+        self._hidden = hidden
+
+    def get_trials(self):
+        return [t for t in self._controller.get_trials() if t not in self._hidden]
+
+    def __getattr__(self, name):
+        return getattr(self._controller, name)
+
+
+class DeviceLimitScheduler(TrialScheduler):
+    """Wraps a Tune scheduler (FIFO, ASHA, PBT) so that at most `limits[device]` trials run on a device
+    at once, whatever the search algorithm and however many devices a sweep mixes.
+
+    A trial added while its device is full is set PAUSED before Tune requests resources for it (so it
+    holds no CPU while it waits); the wrapped scheduler only sees it again once a trial on that device
+    ends. Trials on other devices are not held up. Counted as running on a device: RUNNING and
+    PENDING trials (Tune is starting those).
+    """
+
+    def __init__(self, inner: TrialScheduler, limits: dict[str, int], devices: list[str]):
+        super().__init__()
+        self.inner = inner
+        self.limits = dict(limits)
+        self.devices = list(devices)
+        self._seen: set[str] = set()
+        self._device_of: dict[str, str | None] = {}
+
+    # who runs where
+    def device_of(self, trial: Trial) -> str | None:
+        if trial.trial_id not in self._device_of:
+            self._device_of[trial.trial_id] = trial_device(dict(trial.config.get("train", {})), self.devices)
+        return self._device_of[trial.trial_id]
+
+    def busy(self, controller, device: str, exclude: Trial | None = None) -> int:
+        return sum(1 for t in controller.get_trials()
+                   if t is not exclude and t.status in (Trial.RUNNING, Trial.PENDING) and self.device_of(t) == device)
+
+    def full(self, controller, device: str | None, exclude: Trial | None = None) -> bool:
+        cap = self.limits.get(device) if device is not None else None
+        return cap is not None and self.busy(controller, device, exclude) >= cap
+
+    # TrialScheduler
+    @property
+    def metric(self):
+        return self.inner.metric
+
+    @property
+    def supports_buffered_results(self):
+        return self.inner.supports_buffered_results
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return self.inner.set_search_properties(metric, mode, **spec)
+
+    def on_trial_add(self, tune_controller, trial: Trial):
+        self.inner.on_trial_add(tune_controller, trial)
+        if trial.trial_id in self._seen:  # a requeued trial: Tune tracks its status already
+            return
+        self._seen.add(trial.trial_id)
+        if trial.status == Trial.PENDING and self.full(tune_controller, self.device_of(trial), exclude=trial):
+            trial.set_status(Trial.PAUSED)  # before Tune files it: it waits without resources
+
+    def on_trial_error(self, tune_controller, trial: Trial):
+        self.inner.on_trial_error(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
+        return self.inner.on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial: Trial, result: dict):
+        self.inner.on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial: Trial):
+        self.inner.on_trial_remove(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller) -> Trial | None:
+        hidden = {t for t in tune_controller.get_trials()
+                  if t.status == Trial.PAUSED and self.full(tune_controller, self.device_of(t))}
+        return self.inner.choose_trial_to_run(_Visible(tune_controller, hidden) if hidden else tune_controller)
+
+    def debug_string(self) -> str:
+        caps = ", ".join(f"{d}<={n}" for d, n in sorted(self.limits.items()))
+        return f"{self.inner.debug_string()} | trials per device: {caps}"
+
+    def save(self, checkpoint_path: str):
+        self.inner.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str):
+        self.inner.restore(checkpoint_path)
+
+
+def uses_pbt(cfg: "FarmConfig") -> bool:
+    return cfg.sweep.scheduler is not None and cfg.sweep.scheduler.kind == "pbt"
+
+
+__all__ = ["SchedulerSettings", "check_sweep", "build_param_space", "build_scheduler", "build_search",
+           "DeviceLimitScheduler", "device_limits", "uses_pbt"]

@@ -1,0 +1,318 @@
+"""The network instrument: protocol, client and server over real loopback sockets."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from actors.device_actor import DeviceActor
+from actors.errors import DeviceError, EnvelopeError
+from actors.instrument import protocol as P
+from actors.instrument.client import Instrument
+from actors.instrument.server import InstrumentServer, run_from_args, system_config_from_args
+from actors.systems.registry import build_system
+
+REPO = Path(__file__).resolve().parents[1]
+OSC = {"kind": "oscillators", "n": 10}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def serve():
+    """serve(config, **kw) -> (server, port): a server in a thread on a free loopback port."""
+    servers = []
+
+    def _serve(config, **kw):
+        server = InstrumentServer(config, port=kw.pop("port", 0), log=lambda msg: None, **kw)
+        _, port = server.start()
+        servers.append(server)
+        return server, port
+
+    yield _serve
+    for s in servers:
+        s.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rand(spec, rows, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = spec.input_range
+    plo, phi = spec.param_range
+    return lo + (hi - lo) * torch.rand(rows, spec.n_inputs, generator=g), \
+        plo + (phi - plo) * torch.rand(spec.n_params, generator=g)
+
+
+def raw_connect(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return s
+
+
+def test_identify_spec_and_forward_match_the_local_simulator(serve):
+    cfg = {"kind": "shg", "seed": 3}
+    _, port = serve(cfg)
+    inst = Instrument(port=port)
+    assert inst._sock is None  # the constructor did no I/O
+    inst.connect()
+    assert inst.identity["server"] == "physfarm-instrument" and inst.identity["device"] == "shg"
+    assert inst.identity["protocol"] == P.VERSION
+    local = build_system(cfg)
+    assert inst.spec == local.spec
+    x, theta = rand(local.spec, 20)
+    assert torch.equal(inst.forward(x, theta), local.forward(x, theta))  # same seed, same calls
+    thetas = torch.rand(20, local.spec.n_params)
+    assert torch.equal(inst.forward(x, thetas), local.forward(x, thetas))  # one theta per row
+    big = inst.forward(torch.rand(600, 48), theta)  # > max_rows: sent as three requests
+    assert big.shape == (600, 64) and big.dtype == torch.float32
+    inst.close()
+
+
+def test_shared_token(serve):
+    _, port = serve(OSC, token="s3cret")
+    t0 = time.monotonic()
+    with pytest.raises(DeviceError, match=rf"instrument 127.0.0.1:{port}: .*refused.*token"):
+        Instrument(port=port, backoff_s=1.0).connect()
+    assert time.monotonic() - t0 < 0.9  # a wrong token is not retried
+    with pytest.raises(DeviceError, match="token"):
+        Instrument(port=port, token="wrong").connect()
+    inst = Instrument(port=port, token="s3cret")
+    x, theta = rand(inst.spec, 3)
+    assert inst.forward(x, theta).shape == (3, 10)
+
+
+def _start_subprocess_server(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "actors.instrument.server", "--system", "oscillators", "--port", str(port),
+         "--set", "n=10", "--set", "noise=0"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if ready:
+            line = proc.stdout.readline()
+            if "serving" in line:
+                return proc
+            if not line and proc.poll() is not None:
+                break
+    proc.kill()
+    raise RuntimeError(f"instrument server did not start: {proc.stdout.read()}")
+
+
+def test_server_killed_gives_device_error_and_restart_reconnects():
+    port = free_port()
+    proc = _start_subprocess_server(port)
+    try:
+        inst = Instrument(port=port, retries=2, backoff_s=0.05)
+        x, theta = rand(inst.spec, 4)
+        before = inst.forward(x, theta)
+        proc.kill()
+        proc.wait(timeout=10)
+        with pytest.raises(DeviceError, match=rf"instrument 127.0.0.1:{port}: cannot connect after 3 attempts"):
+            inst.forward(x, theta)
+        proc = _start_subprocess_server(port)
+        after = inst.forward(x, theta)  # the client notices the dead link and reconnects by itself
+        assert torch.equal(before, after)  # noise-free, drift-free oscillators: same physics
+        assert inst.reconnects >= 1
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_connection_dropped_mid_call_is_a_device_error(serve):
+    server, port = serve({**OSC, "latency_call_s": 1.0})
+    inst = Instrument(port=port)
+    x, theta = rand(inst.spec, 2)
+    threading.Timer(0.3, server.stop).start()
+    t0 = time.monotonic()
+    with pytest.raises(DeviceError, match=rf"instrument 127.0.0.1:{port}: connection (dropped|lost) .*FORWARD"):
+        inst.forward(x, theta)
+    assert time.monotonic() - t0 < 5
+
+
+def test_read_timeout_then_recovers(serve):
+    _, port = serve({**OSC, "latency_call_s": 0.5})
+    inst = Instrument(port=port, read_timeout_s=0.1)
+    x, theta = rand(inst.spec, 2)
+    with pytest.raises(DeviceError, match=r"no reply to FORWARD within 0.1 s"):
+        inst.forward(x, theta)
+    inst.config.read_timeout_s = 5.0
+    assert inst.forward(x, theta).shape == (2, 10)  # a fresh link; the old reply is never misread
+
+
+def _reply(sock) -> tuple[int, dict, bytes]:
+    return P.read_frame(sock)
+
+
+def test_malformed_frames_refused_without_crashing_the_server(serve):
+    server, port = serve(OSC)
+    # Not our protocol at all: an ERROR frame, then the server hangs up.
+    with raw_connect(port) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        ftype, head, _ = _reply(s)
+        assert ftype == P.ERROR and head["code"] == P.E_PROTOCOL and "bad magic" in head["message"]
+        try:
+            assert s.recv(1) == b""  # hung up (a reset if our unread bytes were still queued)
+        except ConnectionResetError:
+            pass
+    # A frame claiming 2 GiB: refused from its prefix, never read.
+    with raw_connect(port) as s:
+        s.sendall(P.PREFIX.pack(P.MAGIC, P.VERSION, P.HELLO, 0, 2, 2**31) + b"{}")
+        ftype, head, _ = _reply(s)
+        assert ftype == P.ERROR and "exceeds the maximum" in head["message"]
+    # Bad JSON in the header.
+    with raw_connect(port) as s:
+        s.sendall(P.PREFIX.pack(P.MAGIC, P.VERSION, P.HELLO, 0, 5, 0) + b"{oops")
+        ftype, head, _ = _reply(s)
+        assert ftype == P.ERROR and "JSON" in head["message"]
+    # A request before HELLO.
+    with raw_connect(port) as s:
+        s.sendall(P.encode_frame(P.SPEC, {"id": 1}))
+        ftype, head, _ = _reply(s)
+        assert ftype == P.ERROR and head["code"] == P.E_AUTH
+    # Well framed but wrong content: answered, and the connection stays usable.
+    with raw_connect(port) as s:
+        s.sendall(P.encode_frame(P.HELLO, {"id": 1}))
+        assert _reply(s)[0] == P.HELLO | P.REPLY
+        s.sendall(P.encode_frame(P.FORWARD, {"id": 2, "rows": 2, "n_inputs": 10, "n_params": 110}, b"\0" * 12))
+        ftype, head, _ = _reply(s)
+        assert ftype == P.ERROR and head["code"] == P.E_PROTOCOL and "payload has 12 bytes" in head["message"]
+        assert head["id"] == 2
+        s.sendall(P.encode_frame(P.FORWARD, {"id": 3, "rows": 1, "n_inputs": 10, "n_params": 110},
+                                 (torch.full((120,), 5.0).numpy().astype("<f4")).tobytes()))
+        ftype, head, _ = _reply(s)
+        assert ftype == P.ERROR and head["code"] == P.E_ENVELOPE and "outside the input range" in head["message"]
+        s.sendall(P.encode_frame(0x33, {"id": 4}))
+        ftype, head, _ = _reply(s)
+        assert ftype == P.ERROR and "unknown request type" in head["message"]
+        s.sendall(P.encode_frame(P.SPEC, {"id": 5}))
+        ftype, head, _ = _reply(s)
+        assert ftype == P.SPEC | P.REPLY and head["spec"]["n_outputs"] == 10 and head["id"] == 5
+    # After all that, a normal client is served.
+    inst = Instrument(port=port)
+    x, theta = rand(inst.spec, 3)
+    assert torch.isfinite(inst.forward(x, theta)).all()
+    assert server.errors >= 7
+
+
+def test_device_fault_and_refusals_map_to_client_errors(serve):
+    _, port = serve({**OSC, "fault_rate": 1.0})
+    inst = Instrument(port=port)
+    x, theta = rand(inst.spec, 2)
+    with pytest.raises(DeviceError, match=rf"instrument 127.0.0.1:{port}: server reported a device error"):
+        inst.forward(x, theta)
+    # Refused locally before anything is sent...
+    with pytest.raises(EnvelopeError, match="outside the input range"):
+        inst.forward(x + 5, theta)
+    # ...and by the server if it gets there (a client that skipped the check).
+    with pytest.raises(EnvelopeError, match="refused by the server"):
+        inst._forward_chunk((x + 5).numpy(), theta.numpy())
+
+
+def test_malformed_reply_is_a_device_error():
+    """A server that answers garbage: the client names the instrument and what was wrong."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+
+    def bad_server():
+        conn, _ = listener.accept()
+        P.read_frame(conn)  # HELLO
+        conn.sendall(b"\xde\xad\xbe\xef" * 8)
+
+    t = threading.Thread(target=bad_server, daemon=True)
+    t.start()
+    with pytest.raises(DeviceError, match=rf"instrument 127.0.0.1:{port}: .*malformed reply to HELLO: bad magic"):
+        Instrument(port=port, retries=0).connect()
+    listener.close()
+
+
+def test_spec_before_connect_and_changed_spec(serve):
+    _, port = serve(OSC)
+    spec = build_system(OSC).spec
+    inst = Instrument(port=port, expect_spec=spec.model_dump())
+    assert inst.spec == spec and inst._sock is None  # answered without I/O
+    x, theta = rand(spec, 2)
+    assert inst.forward(x, theta).shape == (2, 10)
+    wrong = {**spec.model_dump(), "n_outputs": 9}
+    with pytest.raises(DeviceError, match="spec changed"):
+        Instrument(port=port, expect_spec=wrong).connect()
+
+
+def test_reset_restores_the_initial_device(serve):
+    _, port = serve({**OSC, "drift": 10.0, "noise": 0})
+    inst = Instrument(port=port)
+    x, theta = rand(inst.spec, 3)
+    first = inst.forward(x, theta)
+    for _ in range(20):
+        inst.forward(x, theta)
+    assert not torch.equal(inst.forward(x, theta), first)  # drifted
+    inst.reset()
+    assert torch.equal(inst.forward(x, theta), first)
+
+
+def test_ideal_model_from_twin_or_a_clear_error():
+    with pytest.raises(NotImplementedError, match="no ideal model.*twin_system"):
+        Instrument(port=1).ideal_model()
+    model = Instrument(port=1, twin_system=OSC).ideal_model()
+    assert isinstance(model, torch.nn.Module)
+
+
+def test_device_actor_serves_an_instrument(serve):
+    _, port = serve({**OSC, "noise": 0})
+    actor = DeviceActor({"kind": "instrument", "port": port}, name="remote-osc")
+    x, theta = rand(build_system(OSC).spec, 5)
+
+    async def go():
+        return await actor.forward(x.numpy(), theta.numpy(), client="t")
+
+    y = asyncio.run(go())
+    assert y.shape == (5, 10)
+    assert actor.stats()["calls"] == 1
+
+
+def test_cli_parses_and_refuses_bad_configs(capsys):
+    from farm.instrument_cli import add_instrument_parser, cmd_instrument_serve
+
+    parser = argparse.ArgumentParser(prog="physfarm")
+    add_instrument_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["instrument", "serve", "--system", "shg", "--port", "6000",
+                              "--set", "noise=0", "--set", "n_outputs=16"])
+    assert args.func is cmd_instrument_serve and args.host == "127.0.0.1" and args.port == 6000
+    assert system_config_from_args(args.system, args.config, args.sets) == {"kind": "shg", "noise": 0, "n_outputs": 16}
+    bad = parser.parse_args(["instrument", "serve", "--system", "shg", "--set", "n_outputs=many"])
+    assert run_from_args(bad) == 2
+    assert "n_outputs" in capsys.readouterr().err
+    assert run_from_args(parser.parse_args(["instrument", "serve", "--system", "nope"])) == 2
+
+
+def test_protocol_frame_round_trip():
+    frame = P.encode_frame(P.FORWARD, {"id": 9, "rows": 1}, b"\x00\x00\x80\x3f")
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(frame)
+        ftype, head, payload = P.read_frame(b)
+    assert ftype == P.FORWARD and head == {"id": 9, "rows": 1} and payload == b"\x00\x00\x80\x3f"
+    assert P.type_name(P.FORWARD | P.REPLY) == "FORWARD_REPLY"
+    assert json.loads(frame[P.PREFIX.size : P.PREFIX.size + P.PREFIX.unpack(frame[:16])[4]]) == head

@@ -1,0 +1,97 @@
+"""PAT training: deep and hybrid PNNs, the envelope, resumable state (twin included)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from actors.systems.oscillators import Oscillators
+from farm.data import DataConfig, load_dataset
+from trainers.config import PATConfig
+from trainers.pat import train_pat
+from trainers.registry import method
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset(DataConfig(kind="digits", limit=300))
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_deep_and_hybrid_pnns_train_and_theta_stays_in_the_envelope(digits, hybrid):
+    device = Oscillators(n=16, seed=0)
+    lo, hi = device.spec.param_range
+    # a large learning rate drives theta into the envelope's walls
+    cfg = PATConfig(epochs=3, batch_size=32, lr=0.3, n_layers=2, hybrid=hybrid, theta_init_scale=0.9)
+    seen = []
+    r = train_pat(cfg, device, digits, report=lambda m, s: seen.append(s["model"]))
+    for state in seen:
+        for name in ("layers.0.theta", "layers.1.theta"):
+            theta = state[name]
+            assert lo <= float(theta.min()) and float(theta.max()) <= hi
+    assert any(float(s["layers.0.theta"].abs().max()) == hi for s in seen)  # projection was needed
+    assert {"theta_0", "theta_1"} <= set(r.params)
+    assert any(k.startswith("mixers") for k in seen[-1]) == hybrid
+    assert r.history[-1]["device_calls"] >= 2 * 7  # both layers measured on the device
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_deep_networks_learn(digits, hybrid):
+    device = Oscillators(n=16, seed=0)
+    r = train_pat(PATConfig(epochs=4, batch_size=16, lr=0.05, n_layers=2, hybrid=hybrid), device, digits)
+    assert r.test_accuracy > 0.3  # chance is 0.1
+
+
+def test_hybrid_network_starts_as_the_pnn(digits):
+    from trainers.networks import PNN
+
+    device = Oscillators(n=16, seed=0, noise=0.0)
+    twin = device.ideal_model()
+    a = PNN(device, twin, 64, 10, n_layers=2, generator=torch.Generator().manual_seed(0))
+    b = PNN(device, twin, 64, 10, n_layers=2, generator=torch.Generator().manual_seed(0), hybrid=True)
+    x = digits.x_test[:8]
+    assert torch.allclose(a(x), b(x))
+
+
+def test_resume_from_state_gives_identical_results(digits):
+    twin = {"kind": "calibrated", "samples": 256, "thetas": 8, "steps": 20, "cache": False, "refresh_every": 2}
+    cfg = PATConfig(epochs=3, batch_size=32, twin=twin)
+    straight = train_pat(cfg, Oscillators(n=16, seed=0, noise=0.0), digits)
+
+    states = []
+    first_device = Oscillators(n=16, seed=0, noise=0.0)
+    train_pat(cfg.model_copy(update={"epochs": 1}), first_device, digits, report=lambda m, s: states.append(s))
+    saved = torch.load(_roundtrip(states[-1]), weights_only=False)  # as a checkpoint would
+    assert saved["twin"]["kind"] == "calibrated" and "state_dict" in saved["twin"]
+    resumed_device = Oscillators(n=16, seed=0, noise=0.0)
+    resumed = train_pat(cfg, resumed_device, digits, state=saved)
+
+    assert resumed.history == straight.history or _same_history(resumed.history, straight.history)
+    assert resumed_device.calls == sum(m["device_calls"] for m in resumed.history[1:])  # no twin refit at start
+    for k, v in straight.state["model"].items():
+        assert torch.equal(v, resumed.state["model"][k]), k
+    for k, v in straight.state["twin"]["state_dict"].items():
+        assert torch.equal(v, resumed.state["twin"]["state_dict"][k]), k
+
+
+def _roundtrip(state):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return buf
+
+
+def _same_history(a, b):
+    drop = {"epoch_s"}
+    return [{k: v for k, v in m.items() if k not in drop} for m in a] == \
+           [{k: v for k, v in m.items() if k not in drop} for m in b]
+
+
+def test_methods_are_registered_and_validate():
+    assert method("insilico").config_class.model_validate({"method": "insilico", "twin": "mlp"}).twin.kind == "mlp"
+    assert method("digital").config_class.model_validate({"method": "digital"}).hidden is None
+    with pytest.raises(ValueError, match="kind"):
+        PATConfig.model_validate({"twin": {"kind": "oracle"}})
+    with pytest.raises(ValueError, match="thetas"):
+        PATConfig.model_validate({"twin": {"samples": 16, "thetas": 32}})

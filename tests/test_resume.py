@@ -1,0 +1,140 @@
+"""`physfarm sweep` stopped mid-way (SIGTERM, like Ctrl-C) and resumed: finished trials are not rerun,
+the same MLflow parent run goes on, no child run is duplicated. Real Ray, Tune and MLflow (SQLite)."""
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from farm.cli import main
+from farm.config import load_config
+from farm.errors import ConfigError
+from farm.sweep import check_resumable, read_marker, run_sweep
+from farm.tracking import PARENT_TAG
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _finished_trials(db: Path) -> int:
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+        try:
+            return con.execute(
+                "select count(*) from runs r join tags t on r.run_uuid = t.run_uuid "
+                "where t.key = 'physfarm.kind' and t.value = 'trial' and r.status = 'FINISHED'").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:  # not created yet, or busy
+        return 0
+
+
+def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RAY_ADDRESS", "local")  # never attach to another cluster on this machine
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    raw = {
+        "devices": [{"name": "osc", "system": {"kind": "oscillators", "n": 16}}],
+        "data": {"kind": "digits", "limit": 200},
+        "train": {"method": "pat", "epochs": 2, "batch_size": 32, "seed": {"grid": [0, 1, 2]}},
+        "sweep": {"name": "res", "trial_cpus": 1, "max_concurrent_trials": 1,
+                  "storage_path": str(tmp_path / "ray_results")},
+        "tracking": {"uri": uri, "experiment": "res"},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+
+    proc = subprocess.Popen([sys.executable, "-m", "farm.cli", "sweep", str(path), "--quiet"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while _finished_trials(db) < 1:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)  # like Ctrl-C: Tune saves its state and stops
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "--resume" in err.splitlines()[-1]
+
+    folder = tmp_path / "ray_results" / "res"
+    marker = read_marker(folder)
+    assert marker["status"] == "interrupted"
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("res")
+    parent = client.get_run(marker["parent_run_id"])
+    assert parent.info.status == "KILLED"
+    before = {r.data.tags["physfarm.trial_id"]: r for r in client.search_runs([exp.experiment_id])
+              if PARENT_TAG in r.data.tags}
+    done_before = {t: r for t, r in before.items() if r.info.status == "FINISHED"}
+    assert 1 <= len(done_before) < 3
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in before.values())
+
+    cfg = load_config(path)
+    with pytest.raises(ConfigError, match="did not finish.*--resume"):  # a new sweep would overwrite it
+        check_resumable(cfg, uri, "res", resume=False)
+    changed = load_config(path)
+    changed.train["epochs"] = 3
+    with pytest.raises(ConfigError, match="differs"):
+        check_resumable(changed, uri, "res", resume=True)
+
+    import ray
+
+    try:
+        outcome = run_sweep(cfg, resume=True)
+    finally:
+        ray.shutdown()
+    assert outcome.resumed and not outcome.interrupted
+    assert outcome.parent_run_id == marker["parent_run_id"]
+    assert len(outcome.rows) == 3 and all(r.status == "TERMINATED" for r in outcome.rows)
+    assert read_marker(folder)["status"] == "finished"
+
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if PARENT_TAG not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get(PARENT_TAG) == marker["parent_run_id"]]
+    assert [p.info.run_id for p in parents] == [marker["parent_run_id"]]  # the same parent run went on
+    assert parents[0].info.status == "FINISHED" and parents[0].data.tags["physfarm.resumed"] == "1"
+    assert len(children) == 3 and len({r.data.tags["physfarm.trial_id"] for r in children}) == 3
+    for run in children:
+        assert run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "test_accuracy")
+        # Each epoch once; an epoch that ended after the last saved checkpoint is redone on resume
+        # and logged again at the same step (its newest value is the run's).
+        assert sorted({m.step for m in history}) == [1, 2], history
+        final = {r.trial_id: r.metrics["test_accuracy"] for r in outcome.rows}
+        tid = run.data.tags["physfarm.trial_id"]
+        assert run.data.metrics["test_accuracy"] == pytest.approx(final[tid])
+        if tid in done_before:  # finished before the interruption: not run again
+            assert [m.step for m in history] == [1, 2]
+            assert run.info.run_id == done_before[tid].info.run_id
+            assert run.info.end_time == done_before[tid].info.end_time
+
+    # The leaderboard, read back from MLflow.
+    capsys.readouterr()
+    assert main(["report", "--tracking-uri", uri, "--json"]) == 0
+    board = json.loads(capsys.readouterr().out)
+    assert board["parent_run_id"] == marker["parent_run_id"] and board["status"] == "FINISHED"
+    assert [t["rank"] for t in board["trials"]] == [1, 2, 3]
+    assert {t["params"]["seed"] for t in board["trials"]} == {"0", "1", "2"}
+    accs = [t["metrics"]["test_accuracy"] for t in board["trials"]]
+    assert accs == sorted(accs, reverse=True)
+
+
+def test_report_reads_the_leaderboard_back(tmp_path, capsys):
+    """`physfarm report` on a store without a sweep says so (exit 1); with no store, a config error."""
+    assert main(["report", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
+    assert "no MLflow store" in capsys.readouterr().err
+    db = tmp_path / "empty.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()  # an empty store
+    assert main(["report", "--tracking-uri", f"sqlite:///{db}", "--experiment", "nope"]) == 1
+    assert "no MLflow experiment 'nope'" in capsys.readouterr().err
