@@ -15,6 +15,8 @@ the twin and the other seeds reuse it (as the trials of a sweep would).
 """
 from __future__ import annotations
 
+import atexit
+import shutil
 import statistics
 import tempfile
 import time
@@ -77,6 +79,7 @@ def _config(case, seed: int, args, **overrides):
     if isinstance(twin, dict) and twin.get("kind", "ideal") != "ideal" and "cache_dir" not in twin:
         if "dir" not in _CACHE:
             _CACHE["dir"] = tempfile.mkdtemp(prefix="physfarm-bench-twins-")
+            atexit.register(shutil.rmtree, _CACHE["dir"], True)
         train["twin"] = {**twin, "cache_dir": _CACHE["dir"]}
     m = method(train["method"])
     return m, m.config_class.model_validate(train)
