@@ -1,0 +1,24 @@
+"""`make bench`: regenerate every figure in bench/results/ (each script also runs alone)."""
+from __future__ import annotations
+
+import sys
+
+from . import learning, overhead, serving, systems
+
+SCRIPTS = [("systems", systems.main), ("serving", serving.main), ("overhead", overhead.main),
+           ("learning", learning.main)]
+
+
+def main() -> int:
+    failed = []
+    for name, run in SCRIPTS:
+        print(f"== bench.{name}", flush=True)
+        if run([]) not in (0, None):
+            failed.append(name)
+    if failed:
+        print(f"bench scripts that failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
