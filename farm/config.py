@@ -180,16 +180,21 @@ def parse_config(raw: Any, source: str = "config") -> FarmConfig:
     return cfg
 
 
-def load_config(path: str | Path) -> FarmConfig:
+def read_yaml(path: str | Path, missing: str) -> object:
+    """Parse a YAML file; a missing file or bad YAML is a one-line ConfigError (with line and column)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
+        raise ConfigError(missing.format(path=path))
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+
+
+def load_config(path: str | Path) -> FarmConfig:
+    raw = read_yaml(path, "config file '{path}' does not exist")
     return parse_config(raw, str(path))
 
 

@@ -13,13 +13,13 @@ import re
 from pathlib import Path
 
 import ray
-import yaml
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from actors.device_actor import DeviceActor
 from actors.errors import DeviceError
 
-from .config import DeviceConfig
+from .config import DeviceConfig, read_yaml
 from .errors import ConfigError, format_validation_error
 
 NAMESPACE = "physfarm"
@@ -79,14 +79,7 @@ def parse_pool(raw, source: str = "pool") -> PoolConfig:
 def load_pool(path: str | Path) -> PoolConfig:
     """Read and validate a POOL.yaml (a sweep config's file works too: only `devices` is read)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pool file '{path}' does not exist; see examples/pool.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    raw = read_yaml(path, "pool file '{path}' does not exist; see examples/pool.yaml")
     if isinstance(raw, dict) and "devices" in raw:
         raw = {"devices": raw["devices"]}  # a sweep config's other sections are not the pool's
     return parse_pool(raw, str(path))
