@@ -96,14 +96,12 @@ class SweepSettings(BaseModel):
         return value
 
 
-class FarmConfig(BaseModel):
+class DeviceList(BaseModel):
+    """A `devices:` list with unique names (shared by sweep configs and pool files)."""
+
     model_config = ConfigDict(extra="forbid")
 
     devices: list[DeviceConfig] = Field(min_length=1)
-    data: DataConfig = Field(default_factory=DataConfig)
-    train: dict[str, Any] = Field(default_factory=dict, description="trainer config; values may be samplers")
-    sweep: SweepSettings = Field(default_factory=SweepSettings)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("devices")
     @classmethod
@@ -113,6 +111,13 @@ class FarmConfig(BaseModel):
         if dup:
             raise ValueError(f"device names must be unique; repeated: {', '.join(sorted(dup))}")
         return devices
+
+
+class FarmConfig(DeviceList):
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: dict[str, Any] = Field(default_factory=dict, description="trainer config; values may be samplers")
+    sweep: SweepSettings = Field(default_factory=SweepSettings)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def device(self, name: str) -> DeviceConfig:
         for d in self.devices:
@@ -124,7 +129,8 @@ class FarmConfig(BaseModel):
         return samplers(self.train, "train")
 
 
-def _check_systems(cfg: FarmConfig) -> None:
+def check_systems(cfg: DeviceList) -> None:
+    """Validate each device's `system` against its kind's config, in place (defaults filled in)."""
     for i, dev in enumerate(cfg.devices):
         prefix = f"devices[{i}].system"
         try:
@@ -174,7 +180,7 @@ def parse_config(raw: Any, source: str = "config") -> FarmConfig:
         cfg = FarmConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
-    _check_systems(cfg)
+    check_systems(cfg)
     _check_data(cfg)
     _check_train(cfg)
     return cfg

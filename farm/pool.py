@@ -14,12 +14,12 @@ from pathlib import Path
 
 import ray
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
 from actors.device_actor import DeviceActor
 from actors.errors import DeviceError
 
-from .config import DeviceConfig, read_yaml
+from .config import DeviceConfig, DeviceList, check_systems, read_yaml
 from .errors import ConfigError, format_validation_error
 
 NAMESPACE = "physfarm"
@@ -37,26 +37,11 @@ def parse_actor_name(name: str) -> tuple[str, int] | None:
 
 
 # -- pool files -----------------------------------------------------------------------------------
-class PoolConfig(BaseModel):
+class PoolConfig(DeviceList):
     """A POOL.yaml: the `devices:` list of a sweep config, nothing else."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    devices: list[DeviceConfig] = Field(min_length=1)
-
-    @field_validator("devices")
-    @classmethod
-    def _unique_names(cls, devices: list[DeviceConfig]) -> list[DeviceConfig]:
-        names = [d.name for d in devices]
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ValueError(f"device names must be unique; repeated: {', '.join(sorted(dup))}")
-        return devices
 
 
 def parse_pool(raw, source: str = "pool") -> PoolConfig:
-    from actors.systems.registry import validate_system_config
-
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with the key 'devices' "
                           f"(a list of devices as in a sweep config); got {type(raw).__name__}")
@@ -64,15 +49,7 @@ def parse_pool(raw, source: str = "pool") -> PoolConfig:
         pool = PoolConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
-    for i, dev in enumerate(pool.devices):
-        prefix = f"devices[{i}].system"
-        try:
-            validated = validate_system_config(dev.system)
-        except ValidationError as err:
-            raise ConfigError(format_validation_error(err, prefix)) from None
-        except ValueError as err:
-            raise ConfigError(f"{prefix}: {err}") from None
-        dev.system = validated.model_dump(mode="json")
+    check_systems(pool)
     return pool
 
 

@@ -73,7 +73,7 @@ def test_pool_file_is_the_devices_list_of_a_sweep_config(tmp_path):
     with pytest.raises(ConfigError, match=r"devices\[0\]\.lease_policy: .*'refuse' or 'wait'.*never"):
         load_pool(bad)
     bad.write_text("devices:\n  - name: a\n    system: {kind: oscilators}\n")
-    with pytest.raises(ConfigError, match=r"devices\[0\]\.system: unknown system kind 'oscilators'"):
+    with pytest.raises(ConfigError, match=r"devices\[0\]\.system\.kind: unknown system kind 'oscilators'"):
         load_pool(bad)
 
 

@@ -12,7 +12,7 @@ import time
 import torch
 
 from .config import DigitalConfig
-from .pat import make_optimizer, train_insilico
+from .pat import make_optimizer, restore, train_insilico
 from .types import Dataset, Report, TrainResult
 
 __all__ = ["train_digital", "train_insilico", "pnn_param_count", "digital_hidden"]
@@ -77,14 +77,7 @@ def train_digital(config: DigitalConfig, device, data: Dataset, report: Report |
     if config.weight_decay:
         for group in opt.param_groups:
             group["weight_decay"] = config.weight_decay
-    history: list[dict] = []
-    start_epoch = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        history = list(state["history"])
-        start_epoch = int(state["epoch"])
+    history, start_epoch = restore(state, model, opt, gen)
     loss_fn = torch.nn.CrossEntropyLoss()
     n = data.x_train.shape[0]
     for epoch in range(start_epoch + 1, config.epochs + 1):

@@ -27,6 +27,18 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=0.9)
 
 
+def restore(state: dict | None, model: torch.nn.Module, opt: torch.optim.Optimizer,
+            gen: torch.Generator) -> tuple[list[dict], int]:
+    """Load a checkpointed training state in place; returns (history so far, last finished epoch).
+    The optimizer's state holds the scheduled learning rate too. No state: ([], 0)."""
+    if state is None:
+        return [], 0
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["generator"])
+    return list(state["history"]), int(state["epoch"])
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
     """Accuracy of `model` on (x, y), the forward passes measured on the device."""
@@ -182,14 +194,7 @@ def _train(config: PATConfig, device, data: Dataset, report: Report | None, stat
         model.data_init(data.x_train[: max(config.batch_size, 32)])
         model.set_device(metered)
     opt = make_optimizer(config.optimizer, model.parameters(), config.lr)
-    history: list[dict] = []
-    start_epoch = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])  # holds the scheduled learning rate too
-        gen.set_state(state["generator"])
-        history = list(state["history"])
-        start_epoch = int(state["epoch"])
+    history, start_epoch = restore(state, model, opt, gen)
     loss_fn = torch.nn.CrossEntropyLoss()
     n = data.x_train.shape[0]
     for epoch in range(start_epoch + 1, config.epochs + 1):

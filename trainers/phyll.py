@@ -51,6 +51,7 @@ from pydantic import Field
 
 from .config import TrainerConfig
 from .metering import MeteredDevice
+from .networks import tile_to
 from .pat import make_optimizer
 from .types import Dataset, Report, TrainResult
 
@@ -84,15 +85,6 @@ class PhyLLConfig(TrainerConfig):
 # ----------------------------------------------------------------------------------------------------
 # Pieces (pure functions, tested on hand-computed cases)
 # ----------------------------------------------------------------------------------------------------
-def tile_to(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Repeat features cyclically (or truncate) so x[B, k] becomes x[B, n]."""
-    k = x.shape[1]
-    if k == n:
-        return x
-    reps = -(-n // k)
-    return x.repeat(1, reps)[:, :n]
-
-
 def embed_labels(x: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """Replace the first n_classes entries of each row by its one-hot label scaled to the row's maximum
     (the maximum of the row as given; 1 where that is not positive)."""
