@@ -7,7 +7,9 @@ often require): it takes queued requests round-robin over clients, least recentl
 a client sending huge batches cannot starve the others), until the device's max rows, runs the
 device call and hands the rows back per request, in order, to the actor's event loop; then it takes
 the next batch at once. The event loop only queues and answers, so `stats`, `load`, `ping`, `info`
-and the lease methods never wait behind a device call.
+and the lease methods never wait behind a device call. A device call gets theta[rows, n_params]
+(one row per sample), or theta[n_params] when all its requests share one vector and the system
+accepts a shared theta (`accepts_shared_theta` below).
 
 Backpressure: at most `max_queue_rows` rows wait; beyond that a request is refused at once with
 `DeviceBusyError` (naming the device and the limit).
@@ -111,6 +113,7 @@ class DeviceActor:
         self.replicas = replicas
         self._system = build_system(system_config)
         self._spec = self._system.spec
+        self._shared_theta = accepts_shared_theta(self._system)
         self._max_wait_s = max_wait_s
         self._max_queue_rows = max_queue_rows
         self._lease_policy = lease_policy
@@ -369,10 +372,12 @@ class DeviceActor:
             self._queued_rows += rows
             self._ensure_thread(loop)
             self._cond.notify_all()
-        # If the caller cancels (ray.cancel after a client timeout), gather cancels the chunks'
-        # futures; the device thread then drops them from the queue.
+        # If the caller cancels (ray.cancel after a client timeout), the awaited future (one chunk)
+        # or gather (several) is cancelled with it; the device thread then drops them from the queue.
+        if len(chunks) == 1:  # the common case: no gather wrapper (a per-request cost, ~tens of us)
+            return await chunks[0].future
         parts = await asyncio.gather(*(c.future for c in chunks))
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        return np.concatenate(parts, axis=0)
 
     def _refuse_if_needed(self, rows: int, client: str, lease_token: str | None) -> None:
         if rows > self._max_queue_rows:
@@ -537,10 +542,9 @@ class DeviceActor:
     def _run(self, batch: list[_Request]) -> None:
         """One device call for a batch (device thread, lock not held), then answer each request."""
         sizes = [r.x.shape[0] for r in batch]
+        # concatenate also copies a lone request's rows: Ray hands the actor read-only buffers.
         x = torch.from_numpy(np.concatenate([r.x for r in batch], axis=0))
-        theta = torch.from_numpy(
-            np.concatenate([np.broadcast_to(r.theta, (n, r.theta.shape[0])) for r, n in zip(batch, sizes)])
-        )
+        theta = self._call_theta(batch, sizes)
         with self._lock:
             start = self._call_started = time.monotonic()
             for r in batch:
@@ -572,6 +576,18 @@ class DeviceActor:
                 stats.device_s += elapsed * n / total
         self._post(self._answer, batch, parts, None)
 
+    def _call_theta(self, batch: list[_Request], sizes: list[int]) -> torch.Tensor:
+        """theta of one device call: theta[n_params] when every request of the batch carries the same
+        vector and the system takes a shared theta (one client's requests, the common case: no
+        [rows, n_params] copy, e.g. 256 x 4160 floats = 4 MB for oscillators, and the system can use
+        it once per call), else one row per sample, theta[rows, n_params] (the documented contract)."""
+        first = batch[0].theta
+        if self._shared_theta and all(r.theta is first or np.array_equal(r.theta, first) for r in batch[1:]):
+            return torch.from_numpy(first.copy())  # a copy: the system may keep or modify its input
+        return torch.from_numpy(
+            np.concatenate([np.broadcast_to(r.theta, (n, r.theta.shape[0])) for r, n in zip(batch, sizes)])
+        )
+
     def _end_call(self) -> float:
         end = time.monotonic()
         start = self._call_started if self._call_started is not None else end
@@ -583,6 +599,20 @@ class DeviceActor:
         while self._spans and self._spans[0][1] < lo:
             self._spans.popleft()
         return elapsed
+
+
+def accepts_shared_theta(system) -> bool:
+    """Whether `system.forward` may be called with one theta[n_params] for all rows (broadcast by the
+    system) instead of theta[rows, n_params]. A system says so with a class attribute
+    `accepts_shared_theta = True`; the simulators (`SimulatedSystem`, whose forward broadcasts a 1-D
+    theta) do by default. Any other system (user systems, instruments) gets the documented
+    theta[rows, n_params]."""
+    flag = getattr(system, "accepts_shared_theta", None)
+    if flag is not None:
+        return bool(flag)
+    from .systems.base import SimulatedSystem
+
+    return isinstance(system, SimulatedSystem)
 
 
 def _named_error(exc: Exception, name: str) -> DeviceError:

@@ -14,7 +14,10 @@ from .spec import SystemSpec
 
 def _as_array(value, field: str, where: str) -> np.ndarray:
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:  # real numbers numpy has no dtype for: widen (exact)
+            value = value.float()
+        value = value.numpy()
     try:
         arr = np.asarray(value)
     except Exception as exc:  # e.g. ragged lists

@@ -11,11 +11,34 @@ the median over repeats of the per-pair ratio.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 SYSTEM = {"kind": "oscillators", "seed": 0}
 TRAIN = {"method": "pat", "epochs": 1, "batch_size": 64, "lr": 0.02, "seed": 0, "torch_threads": 1}
+
+
+class _TimedLocal:
+    """The in-process simulator, timing its own forward calls (the device's seconds, to compare with
+    the actor's busy time: what is left of an epoch's extra time is the serving path)."""
+
+    def __init__(self, inner):
+        self.inner, self.seconds = inner, 0.0
+
+    @property
+    def spec(self):
+        return self.inner.spec
+
+    def ideal_model(self):
+        return self.inner.ideal_model()
+
+    def forward(self, x, theta):
+        t0 = time.perf_counter()
+        try:
+            return self.inner.forward(x, theta)
+        finally:
+            self.seconds += time.perf_counter() - t0
 
 
 def _epoch(device, data) -> tuple[float, dict]:
@@ -49,19 +72,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handles = start_device(DeviceConfig(name="p3-oscillators", system=dict(SYSTEM)))  # keep: alive
         client = DeviceClient("p3-oscillators", client_id="bench-p3").connect()
-        local = build_system(dict(SYSTEM))
+        local = _TimedLocal(build_system(dict(SYSTEM)))
         _epoch(local, data), _epoch(client, data)  # warm-up (imports, Ray workers, caches)
         pairs = []
+        load_before = os.getloadavg()[0]
         for i in range(repeats):
+            local.seconds = 0.0
             t_local, h_local = _epoch(local, data)
+            busy0 = client.stats()["busy_s"]
             t_actor, h_actor = _epoch(client, data)
+            busy = client.stats()["busy_s"] - busy0
             pairs.append({"in_process_s": round(t_local, 4), "actor_s": round(t_actor, 4),
-                          "ratio": t_actor / t_local, "device_calls": h_actor["device_calls"],
+                          "ratio": t_actor / t_local,
+                          "in_process_device_s": round(local.seconds, 4), "actor_busy_s": round(busy, 4),
+                          "load_avg_1m": round(os.getloadavg()[0], 2), "device_calls": h_actor["device_calls"],
                           "device_rows": h_actor["device_rows"],
                           "test_accuracy_in_process": h_local["test_accuracy"],
                           "test_accuracy_actor": h_actor["test_accuracy"]})
-            print(f"pair {i}: in-process {t_local:.3f} s, actor {t_actor:.3f} s, ratio {t_actor / t_local:.3f}")
+            print(f"pair {i}: in-process {t_local:.3f} s (device {local.seconds:.3f} s), actor {t_actor:.3f} s "
+                  f"(busy {busy:.3f} s), ratio {t_actor / t_local:.3f}, load {os.getloadavg()[0]:.1f}")
         stats = client.stats()
+        load_after = os.getloadavg()[0]
         del handles
     finally:
         ray.shutdown()
@@ -80,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             "extra_ms_per_device_call": round(extra_ms, 3), "system": SYSTEM, "train": TRAIN,
             "data": {"kind": "digits"}, "ray": {"num_cpus": 2, "device_actor_num_cpus": 0},
             "actor_busy_s": stats.get("busy_s"), "actor_calls": stats.get("calls"),
+            "load_avg_1m_before": round(load_before, 2), "load_avg_1m_after": round(load_after, 2),
+            "note": "ratios of wall times: load from other work on the 2-core box stretches the actor "
+                    "path (3 processes/threads per call) more than the in-process one",
         })
         print(f"  wrote {path}")
     return 0

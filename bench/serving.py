@@ -6,6 +6,9 @@ P1  device utilisation: 8 clients each sending 64-row requests back to back to o
 P2  throughput in the P1 set-up as a fraction of the device's own limit (256 rows per 12.56 ms =
     20.4k rows/s), and the gain over batching off (the same device with max 64 rows per call, i.e.
     one request per call; 3.4x expected).
+    Operating point of P1/P2: the device's `max_wait_ms` = 2 (`--max-wait-ms`): without it a call
+    starts with whatever is queued when the last one ends, and the clients answered by that call,
+    one Ray round trip away, often miss it (calls averaged ~225 of 256 rows).
 P4  median round trip of one 256 x 64 float32 request through `DeviceClient.forward` to a device
     actor whose device costs nothing (`NullSystem` below), one client, sequential.
 
@@ -121,6 +124,18 @@ def _device(kind: str, max_rows: int) -> dict:
     return {"kind": "bench.serving:SleepSystem", "n": 8, "max_rows": max_rows}
 
 
+def _call_loop(fn, out: list[float], count: int | None = None, stop: threading.Event | None = None) -> list[float]:
+    """Call `fn()` back to back, appending each call's wall seconds to `out` (readable while it runs):
+    `count` times, or until `stop` is set. The one client loop of P1/P2 (per client thread) and P4."""
+    done = 0
+    while (count is None or done < count) and not (stop is not None and stop.is_set()):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+        done += 1
+    return out
+
+
 def _window(name: str, seconds: float, warmup: float) -> dict:
     """8 client threads sending 64-row requests back to back; figures over a window after warm-up."""
     from farm.client import DeviceClient
@@ -136,10 +151,7 @@ def _window(name: str, seconds: float, warmup: float) -> dict:
     def run(i: int) -> None:
         rng = np.random.default_rng(i)
         x = rng.uniform(-0.5, 0.5, size=(REQUEST_ROWS, n_in)).astype(np.float32)
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            clients[i].forward(x, theta)
-            latencies[i].append(time.perf_counter() - t0)
+        _call_loop(lambda: clients[i].forward(x, theta), latencies[i], stop=stop)
 
     threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(CLIENTS)]
     for t in threads:
@@ -169,12 +181,14 @@ def _window(name: str, seconds: float, warmup: float) -> dict:
     }
 
 
-def _serve(kind: str, max_rows: int, repeats: int, seconds: float, warmup: float) -> list[dict]:
+def _serve(kind: str, max_rows: int, repeats: int, seconds: float, warmup: float,
+           max_wait_ms: float = 0.0) -> list[dict]:
     from farm.config import DeviceConfig
     from farm.pool import start_device, stop_device
 
     name = f"bench-serving-{max_rows}"
-    handles = start_device(DeviceConfig(name=name, system=_device(kind, max_rows)))  # noqa: F841 (keep)
+    handles = start_device(DeviceConfig(name=name, system=_device(kind, max_rows),  # noqa: F841 (keep)
+                                        max_wait_ms=max_wait_ms))
     try:
         return [_window(name, seconds, warmup if r == 0 else 0.5) for r in range(repeats)]
     finally:
@@ -196,15 +210,9 @@ def _round_trips(n: int) -> dict:
         theta = np.zeros(1, np.float32)
         h = handles[0]
 
-        def timed(fn) -> list[float]:
-            for _ in range(max(20, n // 10)):
-                fn()
-            out = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                fn()
-                out.append(1000 * (time.perf_counter() - t0))
-            return out
+        def timed(fn) -> list[float]:  # ms per call, after max(20, n/10) warm-up calls
+            _call_loop(fn, [], count=max(20, n // 10))
+            return [1000 * s for s in _call_loop(fn, [], count=n)]
 
         via_client = timed(lambda: client.forward(x, theta))
         raw_actor = timed(lambda: ray.get(h.forward.remote(x, theta, "p4-raw")))
@@ -231,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["sleep", "oscillators"], default="sleep",
                         help="P1/P2 device: SleepSystem (exact slept cost) or the oscillators simulator "
                              "(n=8, same latencies, plus its own compute)")
+    parser.add_argument("--max-wait-ms", type=float, default=2.0,
+                        help="P1/P2 device's max_wait_ms: a call that is not full waits up to this long for "
+                             "more rows (the answered clients' next requests are one round trip away); 0 "
+                             "starts each call as soon as the last one ends (the DeviceConfig default)")
     parser.add_argument("--quick", action="store_true", help="one short window each, print only")
     args = parser.parse_args(argv)
     command = " ".join([COMMAND, *(sys.argv[1:] if argv is None else argv)])
@@ -247,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, namespace="physfarm",
              log_to_driver=False, logging_level=logging.WARNING)
     try:
-        on = _serve(args.device, MAX_ROWS, args.repeats, args.seconds, args.warmup)
-        off = _serve(args.device, REQUEST_ROWS, args.repeats, args.seconds, args.warmup)
+        on = _serve(args.device, MAX_ROWS, args.repeats, args.seconds, args.warmup, args.max_wait_ms)
+        off = _serve(args.device, REQUEST_ROWS, args.repeats, args.seconds, args.warmup, args.max_wait_ms)
         p4 = _round_trips(args.round_trips)
     finally:
         ray.shutdown()
@@ -261,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     gain = thr_on / thr_off
     setup = {"clients": CLIENTS, "request_rows": REQUEST_ROWS, "max_rows": MAX_ROWS,
              "latency_call_s": CALL_S, "latency_row_s": ROW_S, "device": _device(args.device, MAX_ROWS),
-             "windows": args.repeats, "window_s": args.seconds, "warmup_s": args.warmup,
+             "max_wait_ms": args.max_wait_ms, "windows": args.repeats, "window_s": args.seconds, "warmup_s": args.warmup,
              "clients_are": "threads of the driver, one DeviceClient each",
              "load_avg_1m_before": round(load_before, 2), "load_avg_1m_after": round(load_after, 2)}
     print(f"P1 utilisation           {util:.3f}   (target >= 0.95; windows {[round(w['utilisation'], 3) for w in on]})")

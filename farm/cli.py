@@ -50,6 +50,19 @@ def _forward_sigterm() -> None:
         signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
 
 
+def _report_check(cfg, uri: str) -> int:
+    """`sweep --check`: the config is valid; say what the sweep would run. Starts and writes nothing
+    (no Ray, no MLflow store, no results folder, no network)."""
+    from .sweep import expected_trials, sweep_name
+
+    n = expected_trials(cfg)
+    devices = ", ".join(d.name for d in cfg.devices)
+    sampled = ", ".join(cfg.sampled_paths()) or "none"
+    print(f"ok: {n} trial{'s' if n != 1 else ''} in sweep '{sweep_name(cfg)}' on device"
+          f"{'s' if len(cfg.devices) != 1 else ''} {devices}; sampled: {sampled}; tracking: {uri}")
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from .config import load_config
 
@@ -58,6 +71,8 @@ def cmd_sweep(args) -> int:
     from .tracking import check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri, cfg.tracking.uri)  # a refused URI is a config error too
+    if getattr(args, "check", False):
+        return _report_check(cfg, uri)
     check_reachable(uri)  # an unreachable tracking server: one line, before anything starts
     check_resumable(cfg, uri, sweep_name(cfg), args.resume or args.resume_errored)
     from .sweep import init_ray
@@ -100,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, the config's, or ./mlflow.db)")
     p.add_argument("--quiet", action="store_true", help="no Tune progress tables")
+    p.add_argument("--check", action="store_true",
+                   help="only validate the config and print how many trials it would run (exit 0, or "
+                        "2 with the error); starts nothing and writes nothing")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted sweep of this config (same sweep.name and storage_path): "
                         "finished trials are kept, unfinished ones resume from their last checkpoint")

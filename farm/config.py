@@ -60,6 +60,10 @@ class TrackingConfig(BaseModel):
 
     uri: str | None = Field(default=None, description="MLflow tracking URI (default: ./mlflow.db as SQLite)")
     experiment: str = Field(default="physfarm", min_length=1, description="MLflow experiment name")
+    flush_wait_s: float = Field(
+        default=15.0, ge=0.0, le=86_400.0,
+        description="at the end of a sweep, how long to wait for a tracking store that went down to answer "
+                    "again before leaving the kept MLflow writes in the sweep's journal (see docs/sweeps.md)")
 
 
 class SweepSettings(BaseModel):
@@ -81,19 +85,33 @@ class SweepSettings(BaseModel):
                                        "optuna (needs the optuna extra)")
     seed: int | None = Field(default=None, ge=0, description="seeds the search algorithm's sampling")
     scheduler: SchedulerSettings | None = Field(default=None, description="asha or pbt (default: none, FIFO)")
+    max_failures: int = Field(
+        default=2, ge=-1, le=1000,
+        description="times a trial is retried after its worker fails or dies (a crash, a killed process, "
+                    "a lost node), each time from its last checkpoint; 0: never, -1: without limit")
 
     @field_validator("scheduler", mode="before")
     @classmethod
     def _scheduler_shorthand(cls, value):
         return {"kind": value} if isinstance(value, str) else value
 
-    @field_validator("max_trials_per_device")
+    @field_validator("max_trials_per_device", mode="before")
     @classmethod
     def _positive_caps(cls, value):
-        caps = value.values() if isinstance(value, dict) else [value] if value is not None else []
-        if any(c < 1 for c in caps):
-            raise ValueError("every cap must be at least 1")
-        return value
+        # Checked here, not by the int | dict union: pydantic would report each union member's error
+        # (an 'int' and a 'dict[str,int]' path) where one line naming the bad entry says it all.
+        def cap(v, where: str) -> int:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{where}needs a whole number of trials, at least 1, got {v!r}")
+            return v
+
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            return {str(k): cap(v, f"device '{k}' ") for k, v in value.items()}
+        if isinstance(value, int) and not isinstance(value, bool):
+            return cap(value, "")
+        raise ValueError(f"use one number for every device or {{device: number}}, got {value!r}")
 
 
 class DeviceList(BaseModel):

@@ -114,10 +114,49 @@ def format_report(board: dict) -> str:
     return head + "\n" + format_table(table)
 
 
+def journal_files(args) -> list[Path]:
+    """Journals of MLflow writes a sweep kept while the store was down (farm.journal): those named with
+    --journal, the config's sweep folder's, and any under ./ray_results (the default storage_path)."""
+    from .journal import JOURNAL
+
+    found = [Path(p) for p in (getattr(args, "journal", None) or [])]
+    for p in found:
+        if not p.is_file():
+            raise ConfigError(f"--journal: no journal file at {p} (it is <storage_path>/<sweep name>/{JOURNAL})")
+    if getattr(args, "config", None):
+        from .config import load_config
+        from .sweep import storage_path, sweep_name
+
+        cfg = load_config(args.config)
+        found.append(Path(storage_path(cfg)) / sweep_name(cfg) / JOURNAL)
+    found += sorted(Path("ray_results").glob(f"*/{JOURNAL}"))
+    out: list[Path] = []
+    for p in found:
+        if p.is_file() and p.resolve() not in out:
+            out.append(p.resolve())
+    return out
+
+
+def replay_journals(args, uri: str) -> None:
+    """Replay the pending journals for this store before reading it, so the report shows every result."""
+    from .journal import limit_http_retries, replay_file
+
+    import contextlib
+
+    limit_http_retries()
+    for path in journal_files(args):
+        with contextlib.redirect_stdout(sys.stderr):  # MLflow prints run links on stdout: keep --json clean
+            done, left = replay_file(path, uri, stream=sys.stderr)
+        if left:
+            print(f"physfarm report: {left} MLflow writes in {path} could not be replayed yet (the store did "
+                  f"not take them); the report may miss them", file=sys.stderr)
+
+
 def cmd_report(args) -> int:
     from mlflow.tracking import MlflowClient
 
     uri = _uri(args)
+    replay_journals(args, uri)
     client = MlflowClient(tracking_uri=uri)
     try:
         parent = find_sweep(client, args.experiment or _config_experiment(args), args.sweep)
@@ -171,6 +210,10 @@ def add_report_parser(sub) -> None:
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, the config's, or ./mlflow.db)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--journal", action="append", default=None, metavar="PATH",
+                   help="replay this journal of MLflow writes a sweep kept while the store was down "
+                        "(<storage_path>/<sweep>/mlflow_journal.jsonl; the config's and ./ray_results' "
+                        "are replayed anyway); may be repeated")
     p.set_defaults(func=cmd_report)
 
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from ray import tune
 from .config import FarmConfig
 from .errors import ConfigError
 from .pool import find_device, start_device, stop_device
+from .journal import journal_for, limit_http_retries
 from .tracking import PARENT_TAG, MLflowCallback, SweepTracker, check_reachable, resolve_tracking_uri
 from .trainable import run_trial
 from .trainspec import resolve_train
@@ -49,6 +51,8 @@ class SweepOutcome:
     storage_path: str = ""
     interrupted: bool = False
     resumed: bool = False
+    journal_pending: int = 0  # MLflow writes still kept in journal_path (the store was down at the end)
+    journal_path: str = ""
 
     @property
     def path(self) -> str:
@@ -101,6 +105,8 @@ def config_digest(cfg: FarmConfig) -> str:
     """What a resume must not change: the trials' search space, the data and the sweep settings."""
     sweep = cfg.sweep.model_dump(mode="json")
     sweep.pop("storage_path", None)
+    if sweep.get("max_failures") == 2:  # the default: digests of sweeps started before the field existed hold
+        sweep.pop("max_failures")
     blob = json.dumps({"train": cfg.train, "data": cfg.data.model_dump(mode="json"), "sweep": sweep},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -149,26 +155,35 @@ def check_resumable(cfg: FarmConfig, uri: str, name: str, resume: bool) -> dict 
 
 def run_sweep(cfg: FarmConfig, address: str | None = None, tracking_uri: str | None = None,
               name: str | None = None, verbose: int = 0, resume: bool = False,
-              resume_errored: bool = False) -> SweepOutcome:
+              resume_errored: bool = False, flush_wait_s: float | None = None) -> SweepOutcome:
+    """flush_wait_s (default: tracking.flush_wait_s): how long the end of the sweep waits for a tracking
+    store that is down to answer again before it leaves the kept MLflow writes in the journal
+    (replayed by `physfarm report` or `--resume`)."""
+    if flush_wait_s is None:
+        flush_wait_s = cfg.tracking.flush_wait_s
     uri = resolve_tracking_uri(tracking_uri, cfg.tracking.uri)
     check_reachable(uri)
     name = sweep_name(cfg, name)
     storage = storage_path(cfg)
     folder = Path(storage) / name
     marker = check_resumable(cfg, uri, name, resume)
+    limit_http_retries()
+    journal = journal_for(uri, folder)
+    if marker is not None:
+        _replay_before_resume(journal, marker, folder)
     init_ray(address)
     devices = [d.name for d in cfg.devices]
 
     # Devices this sweep starts live as long as their handles: keep them until the sweep ends.
     started: list[tuple] = []
-    tracker = SweepTracker(uri, cfg.tracking.experiment, name)
+    tracker = SweepTracker(uri, cfg.tracking.experiment, name, journal_dir=folder)
     fitting = ended = interrupted = False
     try:
         for dev in cfg.devices:
             if find_device(dev.name) is None:  # a standing device of that name is used as it is
                 started.append((dev, start_device(dev)))
         if marker is not None:
-            parent = tracker.resume(marker["parent_run_id"])
+            parent = tracker.resume(journal.resolve(marker["parent_run_id"]))
         else:
             parent = tracker.start(cfg.model_dump(mode="json"), [d.model_dump(mode="json") for d in cfg.devices])
         write_marker(folder, parent_run_id=parent, experiment_id=tracker.experiment_id,
@@ -185,7 +200,7 @@ def run_sweep(cfg: FarmConfig, address: str | None = None, tracking_uri: str | N
         else:
             sched = cfg.sweep.scheduler
             watch = [k for k in _leaf_paths(sched.hyperparam_mutations or {})] if uses_pbt(cfg) else []
-            callback = MLflowCallback(uri, tracker.experiment_id, parent, name, devices, watch)
+            callback = MLflowCallback(uri, tracker.experiment_id, parent, name, devices, watch, journal_dir=folder)
             tuner = tune.Tuner(
                 trainable,
                 param_space=build_param_space(cfg),
@@ -196,6 +211,8 @@ def run_sweep(cfg: FarmConfig, address: str | None = None, tracking_uri: str | N
                 ),
                 run_config=tune.RunConfig(
                     name=name, storage_path=storage, callbacks=[callback], verbose=verbose,
+                    # A trial whose worker fails or dies is retried from its last checkpoint.
+                    failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
                     # PBT clones other trials' checkpoints: keep them all (Tune warns about <= 2).
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=None if uses_pbt(cfg) else 2),
                 ),
@@ -216,10 +233,12 @@ def run_sweep(cfg: FarmConfig, address: str | None = None, tracking_uri: str | N
         elif tracker.parent_run_id is not None and (interrupted or not ended):
             tracker.interrupt()
             write_marker(folder, status="interrupted")
+        if tracker.parent_run_id is not None and (interrupted or not ended):
+            _end_journal(journal, name, 0.0, folder)
 
     outcome = SweepOutcome(name, uri, cfg.tracking.experiment, parent, storage_path=storage,
                            interrupted=interrupted, resumed=marker is not None)
-    runs = {r.data.tags.get("physfarm.trial_id"): r.info.run_id for r in tracker.children()}
+    runs = _child_runs(tracker, journal)
     keys = _sampled_keys(cfg)
     statuses = _saved_statuses(folder) if interrupted else {}
     live = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
@@ -236,14 +255,67 @@ def run_sweep(cfg: FarmConfig, address: str | None = None, tracking_uri: str | N
             error=_last_line(result.error) if result.error else None,
             run_id=runs.get(trial_id),
         ))
+    outcome.journal_path = str(journal.path)
     if interrupted:
+        outcome.journal_pending = journal.pending
         return outcome
     board = outcome.leaderboard(cfg.sweep.metric, cfg.sweep.mode)
     best = board[0] if board and board[0].status == "TERMINATED" else None
     tracker.finish({"trial_id": best.trial_id, "run_id": best.run_id, "metrics": best.metrics} if best else None,
                    leaderboard=[_row_json(i, r, cfg.sweep.metric) for i, r in enumerate(board, 1)])
-    write_marker(folder, status="finished")
+    outcome.journal_pending = _end_journal(journal, name, flush_wait_s, folder)
+    outcome.parent_run_id = journal.resolve(parent)
+    for row in outcome.rows:
+        row.run_id = journal.resolve(row.run_id)
+    write_marker(folder, status="finished", parent_run_id=outcome.parent_run_id,
+                 journal_pending=outcome.journal_pending)
     return outcome
+
+
+def _replay_before_resume(journal, marker: dict, folder: Path) -> None:
+    """A resume first replays MLflow writes an earlier run of the sweep kept (the store was down), so
+    the parent and child runs it looks up exist and hold everything."""
+    from .journal import PLACEHOLDER
+
+    if journal.pending and not journal.flush(wait_s=10.0):
+        raise ConnectionError(f"MLflow tracking store {journal.uri} does not take the {journal.pending} writes "
+                              f"kept in {journal.path}; start it (or fix it) and resume again")
+    parent = journal.resolve(marker.get("parent_run_id", ""))
+    if parent.startswith(PLACEHOLDER):
+        raise ConnectionError(f"sweep's parent run was never written to {journal.uri} and {journal.path} does "
+                              f"not hold its creation; start a new sweep under another sweep.name")
+    if parent != marker.get("parent_run_id"):
+        write_marker(folder, parent_run_id=parent)
+        marker["parent_run_id"] = parent
+
+
+def _end_journal(journal, name: str, wait_s: float, folder: Path) -> int:
+    """Flush what the journal kept; if the store is still down, say so and how to replay. Returns
+    the writes still pending."""
+    if not journal.pending or journal.flush(wait_s=wait_s):
+        return 0
+    print(f"physfarm: MLflow tracking store {journal.uri} is still unreachable at the end of sweep '{name}': "
+          f"{journal.pending} MLflow writes are kept in {journal.path}. Nothing is lost: once the store "
+          f"answers, `physfarm report --journal {journal.path}` (or `physfarm sweep CONFIG --resume`) "
+          f"replays them.", file=sys.stderr, flush=True)
+    write_marker(folder, journal_pending=journal.pending)
+    return journal.pending
+
+
+def _child_runs(tracker, journal) -> dict:
+    """{trial id: child run id}; while the store is down, the runs this process knows (placeholders
+    for runs created during the outage: a kept write naming one gets its real id on replay)."""
+    from .journal import is_outage
+
+    known = {tid: journal.resolve(run) for tid, run in journal.trial_runs.items()}
+    if journal.pending:
+        return known
+    try:
+        return {**known, **{r.data.tags.get("physfarm.trial_id"): r.info.run_id for r in tracker.children()}}
+    except Exception as err:  # noqa: BLE001
+        if not is_outage(err):
+            raise
+        return known
 
 
 def expected_trials(cfg: FarmConfig) -> int:

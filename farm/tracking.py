@@ -146,7 +146,11 @@ def log_outcome(client: MlflowClient, run_id: str, checkpoint_dir: str | Path | 
         for key in CURVE_METRICS:
             try:
                 history = client.get_metric_history(run_id, key)
-            except Exception:  # noqa: BLE001 - a store without that metric
+            except Exception as err:  # noqa: BLE001 - a store without that metric
+                from .journal import is_outage
+
+                if is_outage(err):  # the store is down: the journal retries the whole outcome
+                    raise
                 history = []
             if history:  # an epoch redone after a restore is logged again: its latest value counts
                 latest = {m.step: m for m in sorted(history, key=lambda m: (m.step, m.timestamp))}
@@ -172,81 +176,120 @@ def log_failure(client: MlflowClient, run_id: str, text: str) -> None:
 # Sweeps: one parent run, one child run per trial
 # ----------------------------------------------------------------------------------------------------
 class SweepTracker:
-    """The parent run of a sweep: created (or, on resume, reopened), finished with the best trial."""
+    """The parent run of a sweep: created (or, on resume, reopened), finished with the best trial.
 
-    def __init__(self, uri: str, experiment: str, sweep_name: str):
+    With a journal (see farm.journal), every write survives a tracking outage: it is kept on disk and
+    replayed when the store answers again."""
+
+    def __init__(self, uri: str, experiment: str, sweep_name: str, journal_dir: str | Path | None = None):
         self.uri = uri
         self.experiment = experiment
         self.sweep_name = sweep_name
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
+        self.journal_dir = str(journal_dir) if journal_dir is not None else None
+
+    @property
+    def journal(self):
+        from .journal import TrackingJournal, journal_for
+
+        if self.journal_dir is None:  # no folder to keep writes in: a throwaway journal in memory only
+            if not hasattr(self, "_mem"):
+                self._mem = TrackingJournal(self.uri, tempfile.mkdtemp(prefix="physfarm-journal-"), self.client)
+            return self._mem
+        return journal_for(self.uri, self.journal_dir)
+
+    def _params(self, run: str, config: dict) -> None:
+        params = [[k, str(v)[:6000]] for k, v in flatten(config).items()]
+        self.journal.call("log_batch", run=run, params=params)
 
     def start(self, config: dict, devices: list[dict]) -> str:
         self.experiment_id = get_or_create_experiment(self.client, self.experiment, self.uri)
-        run = self.client.create_run(self.experiment_id, run_name=self.sweep_name,
-                                     tags={SWEEP_TAG: self.sweep_name, "physfarm.kind": "sweep"})
-        self.parent_run_id = run.info.run_id
-        log_params(self.client, self.parent_run_id,
-                   {"sweep": config.get("sweep", {}), "data": config.get("data", {})})
-        self.client.log_text(self.parent_run_id, yaml.safe_dump(config, sort_keys=False), "sweep_config.yaml")
-        self.client.log_text(self.parent_run_id, yaml.safe_dump(devices, sort_keys=False), "device_pool.yaml")
+        j = self.journal
+        self.parent_run_id = j.call("create_run", experiment_id=self.experiment_id, run_name=self.sweep_name,
+                                    tags={SWEEP_TAG: self.sweep_name, "physfarm.kind": "sweep"})
+        self._params(self.parent_run_id, {"sweep": config.get("sweep", {}), "data": config.get("data", {})})
+        j.call("log_text", run=self.parent_run_id, text=yaml.safe_dump(config, sort_keys=False),
+               artifact_file="sweep_config.yaml")
+        j.call("log_text", run=self.parent_run_id, text=yaml.safe_dump(devices, sort_keys=False),
+               artifact_file="device_pool.yaml")
         return self.parent_run_id
 
     def resume(self, parent_run_id: str) -> str:
-        """Reopen the parent run of an interrupted sweep (the same run continues)."""
+        """Reopen the parent run of an interrupted (or killed: left RUNNING) sweep; the same run goes on."""
         run = self.client.get_run(parent_run_id)
         self.experiment_id = run.info.experiment_id
         self.parent_run_id = parent_run_id
-        self.client.update_run(parent_run_id, status="RUNNING")
-        self.client.set_tag(parent_run_id, "physfarm.resumed",
-                            str(int(run.data.tags.get("physfarm.resumed", "0")) + 1))
+        self.journal.call("update_run", run=parent_run_id, status="RUNNING")
+        self.journal.call("set_tag", run=parent_run_id, key="physfarm.resumed",
+                          value=str(int(run.data.tags.get("physfarm.resumed", "0")) + 1))
         return parent_run_id
 
     def children(self, status: str | None = None) -> list:
-        flt = f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'"
+        parent = self.journal.resolve(self.parent_run_id)
+        flt = f"tags.`{PARENT_TAG}` = '{parent}'"
         if status:
             flt += f" and attributes.status = '{status}'"
         return self.client.search_runs([self.experiment_id], filter_string=flt, max_results=50_000)
 
     def interrupt(self) -> None:
         """The sweep stopped before its trials ended: the parent and its running children are KILLED
-        (a resume sets them RUNNING again)."""
-        for run in self.children("RUNNING"):
-            self.client.set_terminated(run.info.run_id, "KILLED")
-        self.client.set_terminated(self.parent_run_id, "KILLED")
+        (a resume sets them RUNNING again). While the store is down, the runs this process opened."""
+        from .journal import is_outage
+
+        j = self.journal
+        running = set(j.open_runs())
+        if not j.pending:
+            try:
+                running |= {r.info.run_id for r in self.children("RUNNING")}
+            except Exception as err:  # noqa: BLE001
+                if not is_outage(err):
+                    raise
+        running = {j.resolve(r) for r in running} - {j.resolve(self.parent_run_id)}
+        for run in sorted(running):
+            j.call("set_terminated", run=run, status="KILLED")
+        j.call("set_terminated", run=self.parent_run_id, status="KILLED")
 
     def finish(self, best: dict | None, status: str = "FINISHED", leaderboard: list[dict] | None = None) -> None:
+        j = self.journal
         if best:
-            self.client.set_tag(self.parent_run_id, "physfarm.best_trial", best["trial_id"])
+            j.call("set_tag", run=self.parent_run_id, key="physfarm.best_trial", value=best["trial_id"])
             if best.get("run_id"):
-                self.client.set_tag(self.parent_run_id, "physfarm.best_run", best["run_id"])
-            metrics = {f"best_{k}": v for k, v in numeric_metrics(best["metrics"]).items()}
+                j.call("set_tag", run=self.parent_run_id, key="physfarm.best_run", value=best["run_id"])
             ts = int(time.time() * 1000)
-            self.client.log_batch(self.parent_run_id, metrics=[Metric(k, v, ts, 0) for k, v in metrics.items()])
+            metrics = [[f"best_{k}", v, ts, 0] for k, v in numeric_metrics(best["metrics"]).items()]
+            j.call("log_batch", run=self.parent_run_id, metrics=metrics)
         if leaderboard is not None:
-            self.client.log_text(self.parent_run_id, json.dumps(leaderboard, indent=1, default=str),
-                                 "leaderboard.json")
-        self.client.set_terminated(self.parent_run_id, status)
+            j.call("log_text", run=self.parent_run_id, text=json.dumps(leaderboard, indent=1, default=str),
+                   artifact_file="leaderboard.json")
+        j.call("set_terminated", run=self.parent_run_id, status=status)
 
 
 class MLflowCallback(tune.Callback):
     """Tune callback writing each trial as a child run of the sweep's parent run.
 
-    A trial's run is found again by its trial id tag, so a resumed sweep (or a trial PBT restarts)
-    keeps writing to the same run; nothing is duplicated.
+    A trial's run is found again by its trial id tag, so a resumed sweep (or a trial PBT restarts, or
+    one Tune retries after its worker died) keeps writing to the same run; nothing is duplicated. A
+    run already FINISHED when this process first meets it (the sweep's process was killed after the
+    trial ended but before Tune saved that) gets no further writes. All writes go through the sweep's
+    journal, so an MLflow outage neither stops training nor loses a write.
     """
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, sweep_name: str,
-                 devices: list[str] | None = None, watch: list[str] | None = None):
+                 devices: list[str] | None = None, watch: list[str] | None = None,
+                 journal_dir: str | Path | None = None):
         self.uri = uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.sweep_name = sweep_name
         self.devices = list(devices or [])
         self.watch = list(watch or [])  # train paths PBT mutates: logged as hp.<path> each epoch
+        self.journal_dir = str(journal_dir) if journal_dir is not None else None
         self._client: MlflowClient | None = None
         self._runs: dict[str, str] = {}
+        self._done: set[str] = set()
+        self._restarts: dict[str, int] = {}
 
     @property
     def client(self) -> MlflowClient:
@@ -254,34 +297,60 @@ class MLflowCallback(tune.Callback):
             self._client = MlflowClient(tracking_uri=self.uri)
         return self._client
 
+    @property
+    def journal(self):
+        from .journal import TrackingJournal, journal_for
+
+        if self.journal_dir is None:  # a sweep started by an older version: writes are not kept on disk
+            if getattr(self, "_mem", None) is None:
+                self._mem = TrackingJournal(self.uri, tempfile.mkdtemp(prefix="physfarm-journal-"), self.client)
+            return self._mem
+        return journal_for(self.uri, self.journal_dir)
+
     def __getstate__(self):  # Tune pickles callbacks (experiment state); clients do not pickle
         state = dict(self.__dict__)
-        state["_client"] = None
-        state["_runs"] = {}
+        state.update(_client=None, _runs={}, _done=set(), _restarts={}, _mem=None)
         return state
 
     def __setstate__(self, state):  # a sweep started by an older version may lack newer fields
-        self.__dict__.update({"devices": [], "watch": [], "_client": None, "_runs": {}})
+        self.__dict__.update({"devices": [], "watch": [], "_client": None, "_runs": {}, "journal_dir": None,
+                              "_done": set(), "_restarts": {}, "_mem": None})
         self.__dict__.update(state)
 
     def _existing_run(self, trial_id: str):
+        parent = self.journal.resolve(self.parent_run_id)
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
             max_results=1,
         )
         return runs[0] if runs else None
 
     def run_id(self, trial) -> str:
+        from .journal import PLACEHOLDER, is_outage
+
         tid = trial.trial_id
         if tid not in self._runs:
-            found = self._existing_run(tid)
+            j = self.journal
+            found = lookup_failed = None
+            if not j.pending and not self.parent_run_id.startswith(PLACEHOLDER):
+                try:
+                    found = self._existing_run(tid)
+                except Exception as err:  # noqa: BLE001 - the store is down: find-or-create on replay
+                    if not is_outage(err):
+                        raise
+                    lookup_failed = err
+            else:
+                lookup_failed = True
             if found is not None:
-                if found.info.status != "RUNNING":  # resumed: the same run goes on
-                    self.client.update_run(found.info.run_id, status="RUNNING")
+                if found.info.status == "FINISHED":  # ended before this process started: leave it as it is
+                    self._done.add(tid)
+                else:  # resumed: the same run goes on
+                    j.call("update_run", run=found.info.run_id, status="RUNNING")
                 self._runs[tid] = found.info.run_id
             else:
-                self._runs[tid] = self._create(trial)
+                self._runs[tid] = self._create(trial, find=lookup_failed is not None)
+            j.note_trial(tid, self._runs[tid])
         return self._runs[tid]
 
     def _resolved(self, trial) -> dict:
@@ -293,47 +362,66 @@ class MLflowCallback(tune.Callback):
         except Exception:  # noqa: BLE001 - the trial reports the error itself
             return resolve_train(train, self.devices)
 
-    def _create(self, trial) -> str:
+    def _create(self, trial, find: bool = False) -> str:
         resolved = self._resolved(trial)
-        run = self.client.create_run(
-            self.experiment_id, run_name=f"{self.sweep_name}/{trial.trial_id}",
-            tags={PARENT_TAG: self.parent_run_id, TRIAL_TAG: trial.trial_id, SWEEP_TAG: self.sweep_name,
-                  "physfarm.kind": "trial", "physfarm.method": str(resolved.get("method", "")),
-                  "physfarm.device": str(resolved.get("device", ""))},
-        )
-        run_id = run.info.run_id
-        log_params(self.client, run_id, {"train": resolved})
-        self.client.log_text(run_id, yaml.safe_dump({"train": resolved}, sort_keys=False), "config.yaml")
+        j = self.journal
+        tags = {PARENT_TAG: j.resolve(self.parent_run_id), TRIAL_TAG: trial.trial_id, SWEEP_TAG: self.sweep_name,
+                "physfarm.kind": "trial", "physfarm.method": str(resolved.get("method", "")),
+                "physfarm.device": str(resolved.get("device", ""))}
+        # While the store is down the run may exist already (a resumed trial): replay finds it by its tags.
+        match = {PARENT_TAG: j.resolve(self.parent_run_id), TRIAL_TAG: trial.trial_id} if find else None
+        run_id = j.call("create_run", experiment_id=self.experiment_id, run_name=f"{self.sweep_name}/{trial.trial_id}",
+                        tags=tags, match=match, reopen=True)
+        params = [[k, str(v)[:6000]] for k, v in flatten({"train": resolved}).items()]
+        j.call("log_batch", run=run_id, params=params)
+        j.call("log_text", run=run_id, text=yaml.safe_dump({"train": resolved}, sort_keys=False),
+               artifact_file="config.yaml")
         return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.run_id(trial)
 
+    def on_step_begin(self, iteration, trials, **info):
+        self.journal.maybe_flush()  # an outage ends while no trial reports: replay anyway (backoff-limited)
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self.run_id(trial)
+        if trial.trial_id in self._done:
+            return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        extra = {}
+        values = {k: v for k, v in numeric_metrics(result).items() if k != "epoch"}
         for path in self.watch:
             value = _pick(trial.config.get("train", {}), path)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                extra[f"hp.{path}"] = float(value)
-        log_epoch(self.client, self.run_id(trial), result, step, extra)
+                values[f"hp.{path}"] = float(value)
+        ts = int(time.time() * 1000)  # ms, kept in the journal: a replayed point is the same point
+        self.journal.call("log_batch", run=run_id, metrics=[[k, v, ts, step] for k, v in values.items()])
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """The trial's worker failed or died and Tune retries it from its last checkpoint (max_failures):
+        the same run goes on; the restarts are counted in the tag physfarm.restarts."""
+        run_id = self.run_id(trial)
+        if trial.trial_id in self._done:
+            return
+        self._restarts[trial.trial_id] = self._restarts.get(trial.trial_id, 0) + 1
+        self.journal.call("set_tag", run=run_id, key="physfarm.restarts", value=str(self._restarts[trial.trial_id]))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)
+        if trial.trial_id in self._done:
+            return
         checkpoint = trial.checkpoint
         folder = checkpoint.path if checkpoint is not None and checkpoint.path else None
-        try:
-            log_outcome(self.client, run_id, folder, f"{self.sweep_name}/{trial.trial_id}")
-        finally:
-            self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+        self.journal.call("outcome", run=run_id, folder=folder, title=f"{self.sweep_name}/{trial.trial_id}")
+        self.journal.call("set_terminated", run=run_id, status=RunStatus.to_string(RunStatus.FINISHED))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)
-        log_failure(self.client, run_id, _error_text(trial))
-        try:
-            log_outcome(self.client, run_id, None, f"{self.sweep_name}/{trial.trial_id}")
-        finally:
-            self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        if trial.trial_id in self._done:
+            return
+        self.journal.call("failure", run=run_id, text=_error_text(trial))
+        self.journal.call("outcome", run=run_id, folder=None, title=f"{self.sweep_name}/{trial.trial_id}")
+        self.journal.call("set_terminated", run=run_id, status=RunStatus.to_string(RunStatus.FAILED))
 
 
 def _pick(node: dict, path: str):

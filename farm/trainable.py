@@ -32,8 +32,11 @@ ACCOUNTING = ("device_s", "queue_wait_s", "device_requests")
 
 
 def save_checkpoint_dir(folder: Path, state: dict, accounting: dict | None = None,
-                        predictions: tuple | None = None) -> None:
+                        predictions: tuple | None = None, metrics: dict | None = None) -> None:
     folder = Path(folder)
+    if metrics is not None:  # the epoch's report, so a finished trial Tune restores can report it again
+        (folder / "metrics.json").write_text(json.dumps(
+            {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}))
     torch.save(state, folder / "state.pt")
     model = state.get("model", {})
     arrays = {k.replace(".", "_"): v.detach().cpu().numpy() for k, v in model.items()
@@ -122,7 +125,7 @@ class EpochReporter:
         metrics = dict(metrics, **accounting)
         with tempfile.TemporaryDirectory() as folder:
             if state is not None:
-                save_checkpoint_dir(Path(folder), state, accounting, predictions)
+                save_checkpoint_dir(Path(folder), state, accounting, predictions, metrics)
             self.sink(metrics, Path(folder) if state is not None else None)
 
 
@@ -136,7 +139,17 @@ def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: b
     client_id = f"{ctx.get_experiment_name()}/{ctx.get_trial_id()}"
     device = DeviceClient(train_cfg.device, client_id=client_id).connect()
     dataset = load_dataset(DataConfig(**data))
-    state, accounting = load_checkpoint(tune.get_checkpoint())
+    checkpoint = tune.get_checkpoint()
+    state, accounting = load_checkpoint(checkpoint)
+    # Under PBT a checkpoint past the last epoch is another trial's, cloned in at the end (exploit):
+    # nothing is left to train and its report is not this trial's, so it is not repeated.
+    final = None if pbt else _final_report(checkpoint, state, train_cfg)
+    if final is not None:
+        # The trial had ended when the sweep's process was killed before Tune saved that; Tune restores
+        # it from its last checkpoint. It is not trained again: its last report is repeated (the MLflow
+        # callback writes nothing for a run already FINISHED).
+        tune.report(final)
+        return
     if state is not None and pbt:
         state = apply_config_to_state(state, train_cfg)
 
@@ -148,3 +161,12 @@ def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: b
 
     reporter = EpochReporter(device, name, train_cfg, dataset, sink, accounting)
     m.train(train_cfg, device, dataset, report=reporter, state=state)
+
+
+def _final_report(checkpoint, state: dict | None, train_cfg) -> dict | None:
+    """The metrics saved with a checkpoint taken after the last epoch, else None."""
+    if checkpoint is None or state is None or int(state.get("epoch", 0) or 0) < int(getattr(train_cfg, "epochs", 0) or 0):
+        return None
+    with checkpoint.as_directory() as folder:
+        path = Path(folder) / "metrics.json"
+        return json.loads(path.read_text()) if path.exists() else None

@@ -79,6 +79,10 @@ def methods_of(train: dict) -> list[str]:
     if is_sampler(value):
         form, args = next(iter(value.items()))
         if form in ("grid", "choice"):
+            bad = [a for a in args if not isinstance(a, str)] if isinstance(args, list) and args else [args]
+            if bad:  # e.g. a nested mapping, which would not even hash
+                raise ConfigError(f"train.method: '{form}' needs a non-empty list of method names "
+                                  f"({', '.join(sorted(METHODS))}), got {bad[0]!r}")
             return [str(v) for v in dict.fromkeys(args)]
         raise ConfigError(f"train.method: use grid or choice over method names, not '{form}'; "
                           f"methods: {', '.join(sorted(METHODS))}")

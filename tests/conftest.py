@@ -1,9 +1,17 @@
 """Shared fixtures: a real Ray per test module, a real MLflow SQLite store per test."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# CI replays one fixed set of generated cases (the property tests' examples are derived from the test,
+# not drawn anew), so a red CI always names a case that reproduces; locally each run explores afresh.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -30,3 +38,39 @@ def vowels_csv() -> Path:
     if not VOWELS_CSV.exists():
         pytest.skip(f"vowel data not found at {VOWELS_CSV} (it lives in ../shared/data beside the checkout)")
     return VOWELS_CSV
+
+
+@pytest.fixture
+def serve():
+    """serve(config, **kw) -> (server, port): a real instrument server (actors/instrument/server.py)
+    in a thread on a free loopback port; stopped after the test."""
+    from actors.instrument.server import InstrumentServer
+
+    servers = []
+
+    def _serve(config, **kw):
+        server = InstrumentServer(config, port=kw.pop("port", 0), log=lambda msg: None, **kw)
+        _, port = server.start()
+        servers.append(server)
+        return server, port
+
+    yield _serve
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def fault_proxy():
+    """fault_proxy(port) -> FaultProxy: a loopback proxy in front of a server that can hang or drop
+    its connections on demand (bench/faults.py); closed after the test."""
+    from bench.faults import FaultProxy
+
+    proxies = []
+
+    def _proxy(port: int) -> FaultProxy:
+        proxies.append(FaultProxy(("127.0.0.1", port)).start())
+        return proxies[-1]
+
+    yield _proxy
+    for p in proxies:
+        p.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import select
 import socket
 import subprocess
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from actors.device_actor import DeviceActor
 from actors.errors import DeviceError, EnvelopeError
@@ -32,22 +35,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def serve():
-    """serve(config, **kw) -> (server, port): a server in a thread on a free loopback port."""
-    servers = []
-
-    def _serve(config, **kw):
-        server = InstrumentServer(config, port=kw.pop("port", 0), log=lambda msg: None, **kw)
-        _, port = server.start()
-        servers.append(server)
-        return server, port
-
-    yield _serve
-    for s in servers:
-        s.stop()
 
 
 def free_port() -> int:
@@ -316,3 +303,164 @@ def test_protocol_frame_round_trip():
     assert ftype == P.FORWARD and head == {"id": 9, "rows": 1} and payload == b"\x00\x00\x80\x3f"
     assert P.type_name(P.FORWARD | P.REPLY) == "FORWARD_REPLY"
     assert json.loads(frame[P.PREFIX.size : P.PREFIX.size + P.PREFIX.unpack(frame[:16])[4]]) == head
+
+
+# -- fuzzed frames, a hung server, dropped links ---------------------------------------------------------
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6)
+_ODD_NUMBERS = st.sampled_from([math.inf, -math.inf, math.nan, 1e300, 2.5, "3", 2**64, -2**63])
+_FORWARD_KEYS = st.fixed_dictionaries({}, optional={
+    "id": _JSON, "rows": st.one_of(st.integers(-3, 300), _ODD_NUMBERS, _JSON), "n_inputs": st.one_of(st.just(10), _JSON),
+    "n_params": st.one_of(st.just(110), _JSON), "theta_rows": st.one_of(st.integers(-1, 3), _ODD_NUMBERS, _JSON)})
+
+
+def _header_bytes(header) -> bytes:
+    # allow_nan: Python's json writes NaN/Infinity, which a sloppy client might send too.
+    return json.dumps(header, allow_nan=True).encode()
+
+
+@st.composite
+def hostile_streams(draw) -> list[bytes]:
+    """Byte streams a broken or hostile client might send: garbage, random prefixes, oversized or
+    truncated frames, well-framed requests with random headers and payloads, in sequence."""
+    kinds = st.sampled_from(["garbage", "prefix", "oversize", "truncated", "request", "hello"])
+    chunks = []
+    for kind in draw(st.lists(kinds, min_size=1, max_size=4)):
+        if kind == "garbage":
+            chunks.append(draw(st.binary(max_size=64)))
+        elif kind == "prefix":  # magic right, the rest random
+            chunks.append(P.MAGIC + draw(st.binary(min_size=12, max_size=12)) + draw(st.binary(max_size=32)))
+        elif kind == "oversize":
+            hlen = draw(st.sampled_from([P.MAX_HEADER_BYTES + 1, 2**32 - 1, 10]))
+            plen = draw(st.sampled_from([2**32 - 1, 2**31, P.DEFAULT_MAX_FRAME_BYTES]))
+            chunks.append(P.PREFIX.pack(P.MAGIC, P.VERSION, draw(st.integers(0, 255)), 0, hlen, plen))
+        elif kind == "truncated":
+            frame = P.encode_frame(P.FORWARD, {"id": 1, "rows": 1, "n_inputs": 10, "n_params": 110}, b"\0" * 480)
+            chunks.append(frame[: draw(st.integers(1, len(frame) - 1))])
+        elif kind == "hello":
+            chunks.append(P.PREFIX.pack(P.MAGIC, P.VERSION, P.HELLO, 0, 0, 0)[:16] if draw(st.booleans()) else
+                          _frame(P.HELLO, {"id": 0, "token": draw(st.one_of(st.text(max_size=8), _JSON))}))
+        else:
+            ftype = draw(st.sampled_from([P.FORWARD, P.FORWARD, P.SPEC, P.RESET, P.ERROR, 0x00, 0x83, 0xFF]))
+            header = draw(st.one_of(_FORWARD_KEYS, _JSON))
+            chunks.append(_frame(ftype, header, draw(st.binary(max_size=600))))
+    return chunks
+
+
+def _frame(ftype: int, header, payload: bytes = b"") -> bytes:
+    head = _header_bytes(header)
+    return P.PREFIX.pack(P.MAGIC, P.VERSION, ftype, 0, len(head), len(payload)) + head + payload
+
+
+def _replies(sock: socket.socket) -> list[tuple[int, dict]]:
+    """Every frame the server sends until it closes the link or stays quiet for 1 s."""
+    out = []
+    sock.settimeout(1.0)
+    try:
+        while True:
+            ftype, head, _ = P.read_frame(sock)
+            out.append((ftype, head))
+    except (P.ConnectionClosed, socket.timeout, ConnectionResetError):
+        pass
+    return out
+
+
+@pytest.mark.parametrize("token", [None, "s3cret"])
+def test_fuzzed_frames_never_crash_the_server(token):
+    server = InstrumentServer({**OSC, "noise": 0}, port=0, token=token, log=lambda msg: None,
+                              max_frame_bytes=1 << 20)
+    _, port = server.start()
+    good = Instrument(port=port, token=token, read_timeout_s=10)
+    x, theta = rand(good.spec, 3)
+    reference = good.forward(x, theta)
+    codes = set()
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(stream=hostile_streams(), hello_first=st.booleans(), half_close=st.booleans())
+    def fuzz(stream, hello_first, half_close):
+        with raw_connect(port) as s:
+            if hello_first:
+                s.sendall(P.encode_frame(P.HELLO, {"id": 0, **({"token": token} if token else {})}))
+                assert P.read_frame(s)[0] == P.HELLO | P.REPLY
+            try:
+                for chunk in stream:
+                    s.sendall(chunk)
+                if half_close:
+                    s.shutdown(socket.SHUT_WR)  # EOF right after (possibly inside) a frame
+            except OSError:  # broken pipe, reset, not connected
+                pass  # the server already hung up on an earlier framing error
+            for ftype, head in _replies(s):
+                # Every answer is a well-formed frame; a refusal names its cause, never "internal".
+                assert ftype == P.ERROR or ftype & P.REPLY, ftype
+                if ftype == P.ERROR:
+                    assert head["code"] in (P.E_PROTOCOL, P.E_AUTH, P.E_ENVELOPE, P.E_DEVICE), head
+                    assert head["message"], head
+                    codes.add(head["code"])
+        # The good client, on its own open connection, is still served the same measurement.
+        assert torch.equal(good.forward(x, theta), reference)
+
+    try:
+        fuzz()
+        assert server._thread.is_alive()
+        assert {P.E_PROTOCOL, P.E_AUTH} <= codes  # the fuzz reached both refusal paths
+    finally:
+        good.close()
+        server.stop()
+
+
+def test_hung_server_times_out_naming_the_instrument_then_reconnects(serve, fault_proxy):
+    _, port = serve({**OSC, "noise": 0})
+    proxy = fault_proxy(port)
+    inst = Instrument(port=proxy.port, read_timeout_s=0.3, retries=1, backoff_s=0.05)
+    x, theta = rand(inst.spec, 4)
+    before = inst.forward(x, theta)
+    proxy.hang()  # the link stays up, nothing comes back
+    t0 = time.monotonic()
+    with pytest.raises(DeviceError, match=rf"instrument 127.0.0.1:{proxy.port}: no reply to FORWARD within 0.3 s"):
+        inst.forward(x, theta)
+    assert 0.25 < time.monotonic() - t0 < 2.0  # the configured timeout, not longer
+    # Reconnecting while it still hangs: every attempt times out on HELLO, then one clear error.
+    t0 = time.monotonic()
+    with pytest.raises(DeviceError, match=rf"instrument 127.0.0.1:{proxy.port}: cannot connect after 2 attempts: "
+                                          r".*no reply to HELLO within 0.3 s"):
+        inst.forward(x, theta)
+    assert time.monotonic() - t0 < 3.0  # (retries + 1) x read_timeout_s + backoff
+    proxy.resume()
+    assert torch.equal(inst.forward(x, theta), before)  # a fresh link; no stale reply misread
+    assert inst.reconnects >= 1
+
+
+def test_dropped_links_reconnect(serve, fault_proxy):
+    _, port = serve({**OSC, "noise": 0})
+    proxy = fault_proxy(port)
+    inst = Instrument(port=proxy.port, read_timeout_s=5, retries=2, backoff_s=0.05)
+    x, theta = rand(inst.spec, 4)
+    before = inst.forward(x, theta)
+    for _ in range(3):  # the link dropped while idle: noticed before the next request, reopened
+        proxy.drop_open()
+        time.sleep(0.05)
+        assert torch.equal(inst.forward(x, theta), before)
+    assert inst.reconnects >= 3
+    proxy.drop()  # every connection is cut at once: a clear error after the retries
+    with pytest.raises(DeviceError, match=rf"instrument 127.0.0.1:{proxy.port}: cannot connect after 3 attempts"):
+        inst.forward(x, theta)
+    proxy.resume()
+    assert torch.equal(inst.forward(x, theta), before)
+
+
+def test_fuzz_findings_stay_fixed(serve):
+    """Two inputs the frame fuzz found: a non-ASCII token (compare_digest raised, the connection died
+    unanswered) and a JSON Infinity in 'rows' (answered as an internal error)."""
+    _, port = serve(OSC, token="s3cret")
+    with raw_connect(port) as s:
+        s.sendall(P.encode_frame(P.HELLO, {"id": 1, "token": "sécret"}))
+        ftype, head, _ = _reply(s)
+        assert ftype == P.ERROR and head["code"] == P.E_AUTH
+    with raw_connect(port) as s:
+        s.sendall(P.encode_frame(P.HELLO, {"id": 1, "token": "s3cret"}))
+        assert _reply(s)[0] == P.HELLO | P.REPLY
+        s.sendall(_frame(P.FORWARD, {"id": 2, "rows": math.inf, "n_inputs": 10, "n_params": 110}))
+        ftype, head, _ = _reply(s)
+        assert ftype == P.ERROR and head["code"] == P.E_PROTOCOL and "integer 'rows'" in head["message"]

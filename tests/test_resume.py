@@ -138,3 +138,144 @@ def test_report_reads_the_leaderboard_back(tmp_path, capsys):
     MlflowClient(f"sqlite:///{db}").search_experiments()  # an empty store
     assert main(["report", "--tracking-uri", f"sqlite:///{db}", "--experiment", "nope"]) == 1
     assert "no MLflow experiment 'nope'" in capsys.readouterr().err
+
+
+def _children(client: MlflowClient, experiment: str) -> tuple[list, list]:
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    return [r for r in runs if PARENT_TAG not in r.data.tags], [r for r in runs if PARENT_TAG in r.data.tags]
+
+
+def test_sigkilled_sweep_resumes_without_losing_or_duplicating(tmp_path, monkeypatch):
+    """SIGKILL gives the sweep no chance to clean up: its parent and running child runs stay RUNNING,
+    its marker says running, Tune's saved state may lag behind. --resume takes them over."""
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    raw = {
+        "devices": [{"name": "osc", "system": {"kind": "oscillators", "n": 16}}],
+        "data": {"kind": "digits", "limit": 200},
+        "train": {"method": "pat", "epochs": 2, "batch_size": 32, "seed": {"grid": [0, 1, 2]}},
+        "sweep": {"name": "kill", "trial_cpus": 1, "max_concurrent_trials": 1,
+                  "storage_path": str(tmp_path / "ray_results")},
+        "tracking": {"uri": uri, "experiment": "kill"},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen([sys.executable, "-m", "farm.cli", "sweep", str(path), "--quiet"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while _finished_trials(db) < 1:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+
+    folder = tmp_path / "ray_results" / "kill"
+    marker = read_marker(folder)
+    assert marker["status"] == "running"  # nobody wrote "interrupted"
+    client = MlflowClient(uri)
+    parents, before = _children(client, "kill")
+    assert [p.info.status for p in parents] == ["RUNNING"]
+    done_before = {r.data.tags["physfarm.trial_id"]: r for r in before if r.info.status == "FINISHED"}
+    assert 1 <= len(done_before) < 3
+
+    import ray
+
+    try:
+        outcome = run_sweep(load_config(path), resume=True)
+    finally:
+        ray.shutdown()
+    assert outcome.resumed and not outcome.interrupted and outcome.parent_run_id == marker["parent_run_id"]
+    assert len(outcome.rows) == 3 and all(r.status == "TERMINATED" for r in outcome.rows)
+    assert read_marker(folder)["status"] == "finished"
+    parents, children = _children(client, "kill")
+    assert [p.info.run_id for p in parents] == [marker["parent_run_id"]]  # taken over, not a second one
+    assert parents[0].info.status == "FINISHED" and parents[0].data.tags["physfarm.resumed"] == "1"
+    assert len(children) == 3 and len({r.data.tags["physfarm.trial_id"] for r in children}) == 3
+    for run in children:
+        assert run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "test_accuracy")
+        assert sorted({m.step for m in history}) == [1, 2], history
+        tid = run.data.tags["physfarm.trial_id"]
+        if tid in done_before:  # ended before the kill: not trained or written again
+            assert [m.step for m in history] == [1, 2]
+            assert run.info.end_time == done_before[tid].info.end_time
+
+
+def _first_pid(folder: Path) -> int | None:
+    """The pid of the first trial worker that has reported (Tune writes it into result.json)."""
+    for result in sorted(folder.glob("*/result.json")):
+        for line in result.read_text().splitlines():
+            try:
+                return int(json.loads(line)["pid"])
+            except (ValueError, KeyError):
+                continue
+    return None
+
+
+def test_killed_trial_worker_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    """A trial's worker process is SIGKILLed after its first epoch: Tune (sweep.max_failures) restarts
+    the trial from its last checkpoint, and its MLflow run stays one run that ends FINISHED."""
+    import os
+    import threading
+
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    epochs = 4
+    raw = {
+        "devices": [{"name": "osc", "system": {"kind": "oscillators", "n": 16}}],
+        "data": {"kind": "digits", "limit": 200},
+        "train": {"method": "pat", "epochs": epochs, "batch_size": 32, "seed": 0},
+        "sweep": {"name": "wk", "trial_cpus": 1, "max_failures": 1, "storage_path": str(tmp_path / "ray_results")},
+        "tracking": {"uri": uri, "experiment": "wk"},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    folder = tmp_path / "ray_results" / "wk"
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def killer():
+        while not stop.is_set():
+            pid = _first_pid(folder) if folder.exists() else None
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    import ray
+
+    try:
+        outcome = run_sweep(load_config(path))
+    finally:
+        stop.set()
+        ray.shutdown()
+    assert killed, "the trial's worker was never seen"
+    assert len(outcome.rows) == 1 and outcome.rows[0].status == "TERMINATED", outcome.rows
+    assert outcome.rows[0].metrics["epoch"] == epochs
+
+    # Tune's own record: after the restart the iteration count goes on from the checkpoint, not from 0.
+    lines = [json.loads(ln) for r in folder.glob("*/result.json") for ln in r.read_text().splitlines() if ln]
+    pids = {ln["pid"] for ln in lines}
+    assert killed[0] in pids and len(pids) == 2, pids  # a second worker finished the trial
+    restarted = [ln for ln in lines if ln["pid"] != killed[0]]
+    assert restarted[0]["iterations_since_restore"] == 1 and restarted[0]["epoch"] > 1, restarted[0]
+
+    client = MlflowClient(uri)
+    parents, children = _children(client, "wk")
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    assert children[0].data.tags["physfarm.restarts"] == "1"
+    history = client.get_metric_history(children[0].info.run_id, "test_accuracy")
+    steps = [m.step for m in history]
+    assert sorted(set(steps)) == list(range(1, epochs + 1)), steps
+    assert steps.count(1) == 1, steps  # epoch 1 was not trained again

@@ -59,6 +59,12 @@ class TwinConfig(BaseModel):
                                              "parameters (e.g. ['eta', 'coupling_error'] for oscillators)")
     io_calibration: bool = Field(default=True, description="calibrated/residual: fit per-input and "
                                  "per-output gain and offset")
+    scan: dict[str, tuple[float, float, int]] = Field(
+        default_factory=dict,
+        description="calibrated/residual: scalar constants of the ideal model set by a grid search before "
+                    "the gradient fit, name -> (low, high, points), then refined once around the best; for "
+                    "constants whose fit error oscillates (e.g. shg's 'chirp'), where gradients from the "
+                    "nominal value would stall in a wrong minimum")
     seed: int = Field(default=0, ge=0, description="seeds the fitting data and the fit (not the trainer's "
                                                    "seed, so the trials of a sweep share one twin)")
     cache: bool = Field(default=True, description="reuse a twin fitted before for the same device and settings")
@@ -82,6 +88,10 @@ class TwinConfig(BaseModel):
     def _sizes(self) -> "TwinConfig":
         if self.thetas > self.samples:
             raise ValueError(f"thetas ({self.thetas}) must not exceed samples ({self.samples})")
+        for name, (low, high, points) in self.scan.items():
+            if not (high > low and points >= 2):
+                raise ValueError(f"twin.scan['{name}'] = ({low}, {high}, {points}): needs low < high and "
+                                 f"points >= 2, e.g. (0.0, 300.0, 600)")
         return self
 
     @property

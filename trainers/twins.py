@@ -330,6 +330,66 @@ def _mlp_of(twin: Twin) -> MLPModel | None:
     return None
 
 
+def _ideal_of(twin: Twin) -> torch.nn.Module | None:
+    if isinstance(twin.model, CalibratedModel):
+        return twin.model.ideal
+    if isinstance(twin.model, ResidualModel):
+        return twin.model.calibrated.ideal
+    return None
+
+
+def _affine_residual(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """Normalised RMS error of y[N, n_out] after the best per-output affine map of pred[N, n_out]
+    (least squares, closed form): how well pred explains y up to each output's gain and offset."""
+    pc, yc = pred - pred.mean(0), y - y.mean(0)
+    g = (pc * yc).sum(0) / pc.pow(2).sum(0).clamp_min(1e-30)
+    return float((yc - g * pc).pow(2).mean().sqrt() / yc.pow(2).mean().sqrt().clamp_min(1e-12))
+
+
+@torch.no_grad()
+def scan_constants(twin: Twin, data: TwinData, scan: dict, max_rows: int = 256) -> dict[str, float]:
+    """Set each named scalar constant of the twin's ideal model (buffer or promoted parameter) to the
+    value on its grid, (low, high, points) then `points` again within one step of the best, that best
+    explains the measurements up to per-output gain and offset (`_affine_residual`). In order, one at
+    a time. Returns the chosen values."""
+    ideal = _ideal_of(twin)
+    if ideal is None:
+        raise ValueError(f"twin.scan needs a 'calibrated' or 'residual' twin, not '{twin.kind}'")
+    k, r = data.x.shape[:2]
+    x = data.x.reshape(k * r, -1)
+    theta = data.theta.repeat_interleave(r, dim=0)
+    y = data.y.reshape(k * r, -1)
+    if k * r > max_rows:  # evenly spread rows: every parameter vector keeps some
+        pick = torch.linspace(0, k * r - 1, max_rows).long()
+        x, theta, y = x[pick], theta[pick], y[pick]
+    chosen = {}
+    for name, (low, high, points) in scan.items():
+        try:
+            target = ideal.get_parameter(name)
+        except AttributeError:
+            try:
+                target = ideal.get_buffer(name)
+            except AttributeError:
+                raise ValueError(f"twin.scan: the ideal model has no constant '{name}'") from None
+        if target.numel() != 1:
+            raise ValueError(f"twin.scan: '{name}' has {target.numel()} values; only scalars can be scanned")
+        lo, hi = float(low), float(high)
+        best = None
+        for _ in range(2):  # a coarse grid, then a fine one around its best
+            grid = torch.linspace(lo, hi, int(points))
+            errs = []
+            for v in grid.tolist():
+                target.fill_(v)
+                errs.append(_affine_residual(twin(x, theta), y))
+            i = min(range(len(errs)), key=errs.__getitem__)
+            best = float(grid[i])
+            step = (hi - lo) / (int(points) - 1)
+            lo, hi = best - step, best + step
+        target.fill_(best)
+        chosen[name] = best
+    return chosen
+
+
 def fit(twin: Twin, data: TwinData, config: TwinConfig, gen: torch.Generator, steps: int | None = None,
         warm: bool = False) -> dict:
     """Fit `twin` to `data` in place (Adam on the normalised squared error, minibatches of rows with
@@ -346,12 +406,13 @@ def fit(twin: Twin, data: TwinData, config: TwinConfig, gen: torch.Generator, st
         else:  # a correction: scale like the calibrated model's residuals (unknown yet): the outputs' spread
             mlp.y_mean.zero_()
             mlp.y_std.fill_(float(y_flat.std()) + 1e-12)
+    scanned = scan_constants(twin, train, config.scan) if (config.scan and not warm) else {}
     params = [p for p in twin.parameters() if p.requires_grad]
     before = twin_error(twin, held) if held is not None else None
     if not params or steps == 0:
         err = before if held is not None else twin_error(twin, train)
         return {"error": err, "error_before": before, "train_error": twin_error(twin, train),
-                "fit_s": time.monotonic() - t0, "steps": 0}
+                "fit_s": time.monotonic() - t0, "steps": 0, **({"scanned": scanned} if scanned else {})}
     k, r = train.x.shape[:2]
     x_rows = train.x.reshape(k * r, -1)
     y_rows = y_flat
@@ -379,7 +440,7 @@ def fit(twin: Twin, data: TwinData, config: TwinConfig, gen: torch.Generator, st
     if best_state is not None:
         twin.model.load_state_dict(best_state)
     return {"error": best_err, "error_before": before, "train_error": twin_error(twin, train),
-            "fit_s": time.monotonic() - t0, "steps": steps}
+            "fit_s": time.monotonic() - t0, "steps": steps, **({"scanned": scanned} if scanned else {})}
 
 
 # ---- identity and cache ----------------------------------------------------------------------------
@@ -427,6 +488,8 @@ def device_identity(device) -> tuple[dict, bool]:
 def cache_key(device, config: TwinConfig, extra: dict | None = None) -> tuple[str, bool]:
     ident, strong = device_identity(device)
     fit = {k: getattr(config, k) for k in _FIT_FIELDS}
+    if config.scan:  # only when used, so the keys of twins fitted without a scan stay as they were
+        fit["scan"] = {k: list(v) for k, v in config.scan.items()}
     blob = json.dumps({"device": ident, "twin": fit, "extra": extra or {}}, sort_keys=True, default=str)
     name = ident["spec"]["name"]
     return f"{name}-{config.kind}-{hashlib.sha256(blob.encode()).hexdigest()[:20]}", strong
@@ -472,6 +535,8 @@ def fit_new(device, config: TwinConfig, spec, gen: torch.Generator, centres=None
     twin.info.update(error=figures["error"], error_before=figures["error_before"],
                      train_error=figures["train_error"], rows=data.rows, device_calls=data.calls,
                      device_seconds=round(data.seconds, 4), fit_s=round(figures["fit_s"], 3), refreshes=0)
+    if "scanned" in figures:
+        twin.info["scanned"] = figures["scanned"]
     return Obtained(twin, data.calls, False, figures)
 
 

@@ -144,7 +144,10 @@ class InstrumentServer:
                     return
                 rid = header.get("id")
                 if ftype == P.HELLO:
-                    if self.token and not hmac.compare_digest(str(header.get("token") or ""), self.token):
+                    # Compared as UTF-8 bytes: compare_digest raises on non-ASCII str (a client's
+                    # token may be any text), which would kill this connection without an answer.
+                    given = str(header.get("token") or "").encode("utf-8", "surrogatepass")
+                    if self.token and not hmac.compare_digest(given, self.token.encode("utf-8")):
                         self.errors += 1
                         self._send(conn, P.error_frame(P.E_AUTH, "wrong or missing token", rid))
                         return
@@ -208,7 +211,7 @@ class InstrumentServer:
         try:
             rows, n_in, n_p = int(header["rows"]), int(header["n_inputs"]), int(header["n_params"])
             theta_rows = int(header.get("theta_rows", 1))
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: a JSON Infinity
             raise _BadRequest("FORWARD header needs integer 'rows', 'n_inputs', 'n_params' "
                               "(and optional 'theta_rows')") from None
         if n_in != spec.n_inputs or n_p != spec.n_params:

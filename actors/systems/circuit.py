@@ -39,7 +39,7 @@ from pydantic import Field
 
 from ..spec import SystemSpec
 from .base import SimConfig, SimulatedSystem, quantise
-from .plate import slot_permutation
+from .slots import SlotOrder, perm_buffer, slot_controls, slot_order_field, slot_permutation, window_ends
 
 K_B_OVER_Q = 8.617333262e-5  # V/K: V_T = (k/q) T
 EXP_CAP = 80.0  # exp(80) fits float32; v = 80 nV_T = 3.7 V is far above the diode's clamp
@@ -50,8 +50,7 @@ class CircuitConfig(SimConfig):
     n_inputs: int = Field(default=64, ge=1, description="slots driven by the data x")
     n_params: int = Field(default=32, ge=0, description="slots set by trainable theta")
     n_outputs: int = Field(default=10, ge=1, description="voltage samples read out (window ends)")
-    slot_order: Literal["concat", "interleave"] = Field(
-        default="concat", description="concat: all x slots then all theta slots; interleave: spread theta")
+    slot_order: SlotOrder = slot_order_field()
     slot_s: float = Field(default=1e-6, gt=0.0, description="seconds per control slot")
     v_max: float = Field(default=0.8, gt=0.0, description="V_in = v_max * u")
     f0_per_slot_rate: float = Field(default=0.5, gt=0.0, description="resonance f0 / slot rate")
@@ -90,15 +89,10 @@ class CircuitModel(torch.nn.Module):
         self.adc_bits, self.full_scale = cfg.adc_bits, (-cfg.full_scale_v, cfg.full_scale_v)
         self.h_s = cfg.slot_s / cfg.substeps  # seconds per step
         self.c, self.ideality = c, cfg.ideality
-        self.register_buffer("perm", perm if perm is not None else torch.empty(0, dtype=torch.long))
+        self.register_buffer("perm", perm_buffer(perm))
         # Output j is v at t_j = (j+1) T / n_out exactly. It falls in step k_j at fraction f_j of it
         # (f_j = 1: at the step's end); a fractional step from the step's start reaches it.
-        steps = self.n_slots * cfg.substeps
-        self.samples: dict[int, list[tuple[int, float]]] = {}
-        for j in range(cfg.n_outputs):
-            num = (j + 1) * steps  # t_j in steps = num / n_out
-            k = -(-num // cfg.n_outputs) - 1
-            self.samples.setdefault(k, []).append((j, (num - k * cfg.n_outputs) / cfg.n_outputs))
+        self.samples = window_ends(self.n_slots * cfg.substeps, cfg.n_outputs)
         self.n_outputs = cfg.n_outputs
         self._rlc = (r, l_, c)
         self.register_buffer("phi", self._propagator(1.0)[0])
@@ -135,11 +129,7 @@ class CircuitModel(torch.nn.Module):
 
     def voltages(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         rows, h = x.shape[0], self.h_s
-        if theta.ndim == 1:
-            theta = theta.expand(rows, -1)
-        u = torch.cat([x, theta], dim=1)  # [B, n_slots] in [-1, 1]
-        if self.perm.numel():
-            u = u[:, self.perm]
+        u = slot_controls(x, theta, self.perm)  # [B, n_slots] in [-1, 1]
         u_t = u.T.contiguous()  # [n_slots, B]
         drive = (u_t[:, None, :] * self.drive[None, :, None]).contiguous()  # [n_slots, 2, B]
         z = x.new_zeros(2, rows)  # circuit at rest

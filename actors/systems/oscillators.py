@@ -47,16 +47,31 @@ class OscillatorsModel(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         n, rows = self.n, x.shape[0]
+        if theta.ndim == 2 and theta.stride(0) == 0:
+            theta = theta[0]  # one theta expanded over the rows (a view): take the shared vector
         if theta.ndim == 1:
-            theta = theta.expand(rows, -1)
-        c = theta[:, : n * n].reshape(rows, n, n)
-        e = theta[:, n * n :]
-        s = 0.5 * (c + c.transpose(1, 2)) + self.coupling_error  # [B, N, N], symmetric
-        s_rowsum = s.sum(dim=2)  # [B, N]
+            # One theta for every row (the common case: a PNN layer's parameters): one coupling
+            # matrix S[N, N] shared by the batch, so the coupling is a single [B, N] x [N, N] matmul
+            # instead of B matrix-vector products over a materialised [B, N, N] copy of S.
+            c = theta[: n * n].reshape(n, n)
+            e = theta[n * n :]  # [N], broadcast over rows
+            s = 0.5 * (c + c.T) + self.coupling_error  # [N, N], symmetric
+            s_rowsum = s.sum(dim=1)  # [N]
+
+            def couple(sq):  # sum_j S_ij sin q_j for every row: [B, N] @ S^T
+                return sq @ s.T
+        else:
+            c = theta[:, : n * n].reshape(rows, n, n)
+            e = theta[:, n * n :]
+            s = 0.5 * (c + c.transpose(1, 2)) + self.coupling_error  # [B, N, N], symmetric
+            s_rowsum = s.sum(dim=2)  # [B, N]
+
+            def couple(sq):  # per-row S: B matrix-vector products
+                return torch.bmm(s, sq.unsqueeze(2)).squeeze(2)
 
         def accel(q):
             sq = torch.sin(q)
-            coupling = torch.bmm(s, sq.unsqueeze(2)).squeeze(2) - sq * s_rowsum
+            coupling = couple(sq) - sq * s_rowsum
             return -torch.sin((1.0 + self.eta) * q) + coupling + e
 
         q, p, dt = x, torch.zeros_like(x), self.dt

@@ -42,6 +42,7 @@ from pydantic import Field
 
 from ..spec import SystemSpec
 from .base import SimConfig, SimulatedSystem, quantise
+from .slots import SlotOrder, perm_buffer, slot_controls, slot_order_field, slot_permutation, window_mean
 
 
 class PlateConfig(SimConfig):
@@ -49,8 +50,7 @@ class PlateConfig(SimConfig):
     n_inputs: int = Field(default=64, ge=1, description="slots driven by the data x")
     n_params: int = Field(default=32, ge=0, description="slots set by trainable theta")
     n_outputs: int = Field(default=10, ge=1, description="microphone windows read out")
-    slot_order: Literal["concat", "interleave"] = Field(
-        default="concat", description="concat: all x slots then all theta slots; interleave: spread theta")
+    slot_order: SlotOrder = slot_order_field()
     structure_seed: int = Field(default=0, description="seeds the plate itself (mode frequencies, couplings)")
     modes: int = Field(default=12, ge=1, le=64, description="K, number of plate modes")
     f_min_khz: float = Field(default=0.2, gt=0.0)
@@ -65,25 +65,6 @@ class PlateConfig(SimConfig):
     mic_noise: float = Field(default=0.01, ge=0.0, description="microphone std, fraction of full scale")
     alpha_per_k: float = Field(default=-1.3e-4, description="relative f_m change per kelvin")
     drift_temperature: float = Field(default=0.1, ge=0.0, description="K per sqrt(call or second) at drift=1")
-
-
-def slot_permutation(n_inputs: int, n_params: int, order: str) -> torch.Tensor | None:
-    """Time order of the controls u = concat(x, theta): None for concat, else the index of the control
-    held in each slot, with the theta slots spread evenly between the x slots."""
-    if order == "concat" or n_params == 0 or n_inputs == 0:
-        return None
-    n = n_inputs + n_params
-    theta_slots = {round((j + 0.5) * n / n_params - 0.5) for j in range(n_params)}
-    theta_slots = sorted(theta_slots)
-    perm, xi, ti = [], 0, 0
-    for s in range(n):
-        if ti < len(theta_slots) and s == theta_slots[ti]:
-            perm.append(n_inputs + ti)
-            ti += 1
-        else:
-            perm.append(xi)
-            xi += 1
-    return torch.tensor(perm)
 
 
 class PlateModel(torch.nn.Module):
@@ -102,12 +83,10 @@ class PlateModel(torch.nn.Module):
         h = cfg.slot_ms / cfg.substeps  # ms
         self.samples = max(1, math.ceil(h * cfg.f_max_khz * cfg.samples_per_period))
         self.h = h
-        self.register_buffer("perm", perm if perm is not None else torch.empty(0, dtype=torch.long))
+        self.register_buffer("perm", perm_buffer(perm))
         self._set_structure(freq_khz, q, b, gamma, c)
         n_samples = n_slots * cfg.substeps * self.samples
-        idx = (torch.arange(n_samples) * n_outputs) // n_samples  # window of each sample
-        avg = torch.nn.functional.one_hot(idx, n_outputs).to(torch.float32)
-        self.register_buffer("window_mean", avg / avg.sum(0, keepdim=True))  # [N, n_out]
+        self.register_buffer("window_mean", window_mean(n_samples, n_outputs))  # [N, n_out]
 
     def _set_structure(self, freq_khz, q, b, gamma, c) -> None:
         """Precompute the exact linear propagators for step h and for the sample points inside it."""
@@ -144,11 +123,7 @@ class PlateModel(torch.nn.Module):
 
     def signal(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         rows, k = x.shape[0], self.k
-        if theta.ndim == 1:
-            theta = theta.expand(rows, -1)
-        u = torch.cat([x, theta], dim=1)  # [B, n_slots] volts
-        if self.perm.numel():
-            u = u[:, self.perm]
+        u = slot_controls(x, theta, self.perm)  # [B, n_slots] volts
         force = torch.tanh(self.coil_gain * u)  # [B, n_slots]
         # State kept as columns, z[2K, B] = [x_1..x_K; v_1..v_K] (small matmuls are faster this way).
         f_drive = (force.T[:, None, :] * self.drive[None, :, None]).contiguous()  # [n_slots, 2K, B]

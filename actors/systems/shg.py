@@ -79,7 +79,11 @@ def binning_matrix(n_bins: int, n_outputs: int, start: int = 0, count: int | Non
 class ShgModel(torch.nn.Module):
     """Differentiable SHG physics: forward(x[B, n_in], theta[B, n_params] or [n_params]) -> y[B, n_out].
 
-    `intensity` is the spectrum before the ADC; `forward` adds the (known) ADC.
+    `intensity` is the spectrum before the ADC; `forward` adds the (known) ADC. The physical constants
+    are float buffers, so a calibrated twin can fit them by name (`TwinConfig.calibrate`): `beta`
+    (residual chirp, rad/channel^2, scalar), `gain` (shaper gain per channel, [M]), `kappa` (phase
+    matching, 1/bin, scalar) and `n_c` (phase-matching centre, bins, scalar); the field and eta are
+    rebuilt from them on every call (O(M), negligible next to the FFT).
     """
 
     def __init__(self, m: int, n_outputs: int, beta: float, kappa: float, n_c: float,
@@ -89,26 +93,40 @@ class ShgModel(torch.nn.Module):
         self.m, self.n_outputs, self.adc_bits = m, n_outputs, adc_bits
         self.full_scale = (0.0, float(full_scale))
         self.scale = float(scale)
-        k = torch.arange(m, dtype=torch.float64)
-        k0, w = m / 2, m / 3
-        envelope = torch.exp(-((k - k0) / w) ** 2) * gain.to(torch.float64)
-        field = envelope * torch.exp(1j * beta * (k - k0) ** 2)  # [M] complex: s_k g_k e^{i beta (k-k0)^2}
-        self.register_buffer("field", field.to(torch.complex64))
-        n = torch.arange(2 * m - 1, dtype=torch.float64)
-        self.register_buffer("eta", (torch.sinc(kappa * (n - n_c)) ** 2).to(torch.float32))  # [2M-1]
+        self.register_buffer("beta", torch.tensor(float(beta)))
+        self.register_buffer("gain", gain.detach().clone().to(torch.float32))
+        self.register_buffer("kappa", torch.tensor(float(kappa)))
+        self.register_buffer("n_c", torch.tensor(float(n_c)))
         window = window_bins or m
-        start = m - window // 2  # centred on the nominal n_c = M (the calibration does not drift)
+        # Centred on the nominal n_c = M (the calibration does not drift), then slid inwards so the
+        # window stays within the 2M-1 bins 0 .. 2M-2: a wide window (up to 2M-1, all bins) would
+        # otherwise run past bin 2M-2, as the centre M sits one bin right of the middle bin M-1.
+        start = min(max(m - window // 2, 0), 2 * m - 1 - window)
         self.register_buffer("bins", binning_matrix(2 * m - 1, n_outputs, start, window))  # [2M-1, n_out]
         self._nfft = 2 * m  # >= 2M-1: the circular convolution equals the linear one
+
+    def field(self) -> torch.Tensor:
+        """[M] complex: s_k g_k exp(i beta (k - k0)^2), built in float64 (the chirp phase reaches
+        beta (M/2)^2, ~20 rad at M = 64) and handed on in complex64."""
+        k = torch.arange(self.m, dtype=torch.float64, device=self.gain.device)
+        k0, w = self.m / 2, self.m / 3
+        envelope = torch.exp(-((k - k0) / w) ** 2) * self.gain.to(torch.float64)
+        phase = self.beta.to(torch.float64) * (k - k0) ** 2
+        return torch.polar(envelope, phase).to(torch.complex64)
+
+    def eta(self) -> torch.Tensor:
+        """[2M-1] phase-matching efficiency sinc^2(kappa (n - n_c)) per SH bin."""
+        n = torch.arange(2 * self.m - 1, dtype=torch.float64, device=self.gain.device)
+        return (torch.sinc(self.kappa.to(torch.float64) * (n - self.n_c.to(torch.float64))) ** 2).to(torch.float32)
 
     def intensity(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         if theta.ndim == 1:
             theta = theta.expand(x.shape[0], -1)
         u = torch.cat([x, theta], dim=1)  # [B, M] transmissions
-        a = u.to(torch.complex64) * self.field  # [B, M] fundamental field
+        a = u.to(torch.complex64) * self.field()  # [B, M] fundamental field
         spec = torch.fft.fft(a, n=self._nfft, dim=1)
         e = torch.fft.ifft(spec * spec, dim=1)[:, : 2 * self.m - 1]  # [B, 2M-1] E_n = sum_{k+l=n} a_k a_l
-        sh = (e.real**2 + e.imag**2) * self.eta  # phase-matched SH power per bin
+        sh = (e.real**2 + e.imag**2) * self.eta()  # phase-matched SH power per bin
         return self.scale * (sh @ self.bins)  # [B, n_out]
 
     def forward(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:

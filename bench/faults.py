@@ -1,0 +1,133 @@
+"""`FaultProxy`: a loopback TCP proxy that injects network faults between a client and a server.
+
+Used by the chaos bench (bench/chaos.py) and the instrument tests to make a real instrument server
+look hung or flaky without touching the server:
+
+    proxy = FaultProxy(("127.0.0.1", server_port)).start()   # clients connect to proxy.port
+    proxy.hang()     # connections stay open and are accepted, but nothing is forwarded either way
+    proxy.drop()     # every open connection is closed; new ones are accepted and closed at once
+    proxy.resume()   # forward again (new connections reach the server)
+    proxy.drop_open()  # close the open connections once, keep forwarding new ones
+
+Bytes that arrive while hung are discarded (as a dead link would lose them), so a client waiting for
+a reply times out instead of getting a late one.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+
+PASS, HANG, DROP = "pass", "hang", "drop"
+
+
+class FaultProxy:
+    def __init__(self, upstream: tuple[str, int], host: str = "127.0.0.1", port: int = 0):
+        self.upstream = upstream
+        self.mode = PASS
+        self._listener = socket.create_server((host, port))
+        self._listener.settimeout(0.2)  # wake regularly to notice close()
+        self.host, self.port = self._listener.getsockname()[:2]
+        self._pairs: set[tuple[socket.socket, socket.socket | None]] = set()
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.accepted = 0
+        self.discarded_bytes = 0
+
+    # -- control -------------------------------------------------------------------------------------
+    def start(self) -> "FaultProxy":
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True, name=f"fault-proxy-{self.port}")
+        self._thread.start()
+        return self
+
+    def hang(self) -> None:
+        self.mode = HANG
+
+    def resume(self) -> None:
+        self.mode = PASS
+
+    def drop(self) -> None:
+        self.mode = DROP
+        self.drop_open()
+
+    def drop_open(self) -> None:
+        with self._lock:
+            pairs, self._pairs = list(self._pairs), set()
+        for pair in pairs:
+            _close(*pair)
+
+    def close(self) -> None:
+        self._closed.set()
+        self.drop_open()
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> "FaultProxy":
+        return self.start() if self._thread is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- forwarding ------------------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            if self.mode == DROP:
+                _close(client)
+                continue
+            upstream = None
+            if self.mode == PASS:
+                try:
+                    upstream = socket.create_connection(self.upstream, timeout=5)
+                    upstream.settimeout(None)
+                except OSError:
+                    _close(client)  # the server is down: the client sees the link close
+                    continue
+            pair = (client, upstream)
+            with self._lock:
+                self._pairs.add(pair)
+            threading.Thread(target=self._pump, args=(client, pair, True), daemon=True).start()
+            if upstream is not None:
+                threading.Thread(target=self._pump, args=(upstream, pair, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, pair, from_client: bool) -> None:
+        client, upstream = pair
+        dst = upstream if from_client else client
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if self.mode != PASS or dst is None:  # hung (or accepted while hung): lost in transit
+                    self.discarded_bytes += len(data)
+                    continue
+                dst.sendall(data)
+        except OSError:
+            pass
+        with self._lock:
+            self._pairs.discard(pair)
+        _close(client, upstream)
+
+
+def _close(*socks) -> None:
+    for s in socks:
+        if s is None:
+            continue
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            s.close()
+        except OSError:
+            pass
