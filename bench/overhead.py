@@ -19,28 +19,6 @@ SYSTEM = {"kind": "oscillators", "seed": 0}
 TRAIN = {"method": "pat", "epochs": 1, "batch_size": 64, "lr": 0.02, "seed": 0, "torch_threads": 1}
 
 
-class _TimedLocal:
-    """The in-process simulator, timing its own forward calls (the device's seconds, to compare with
-    the actor's busy time: what is left of an epoch's extra time is the serving path)."""
-
-    def __init__(self, inner):
-        self.inner, self.seconds = inner, 0.0
-
-    @property
-    def spec(self):
-        return self.inner.spec
-
-    def ideal_model(self):
-        return self.inner.ideal_model()
-
-    def forward(self, x, theta):
-        t0 = time.perf_counter()
-        try:
-            return self.inner.forward(x, theta)
-        finally:
-            self.seconds += time.perf_counter() - t0
-
-
 def _epoch(device, data) -> tuple[float, dict]:
     from trainers.config import PATConfig
     from trainers.pat import train_pat
@@ -65,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from farm.config import DeviceConfig
     from farm.data import DataConfig, load_dataset
     from farm.pool import NAMESPACE, start_device
+    from trainers.metering import MeteredDevice
 
     torch.set_num_threads(1)
     data = load_dataset(DataConfig(kind="digits"))
@@ -72,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handles = start_device(DeviceConfig(name="p3-oscillators", system=dict(SYSTEM)))  # keep: alive
         client = DeviceClient("p3-oscillators", client_id="bench-p3").connect()
-        local = _TimedLocal(build_system(dict(SYSTEM)))
+        local = MeteredDevice(build_system(dict(SYSTEM)))  # times its own forward calls
         _epoch(local, data), _epoch(client, data)  # warm-up (imports, Ray workers, caches)
         pairs = []
         load_before = os.getloadavg()[0]

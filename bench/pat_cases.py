@@ -252,11 +252,14 @@ PLATE = {"kind": "plate", "seed": 0, "slot_order": "interleave", "n_inputs": 640
 CIRCUIT = {"kind": "circuit", "seed": 0, "f0_per_slot_rate": 0.02, "slot_order": "interleave"}
 
 L1_TRAIN = {"method": "pat", "epochs": 10, "lr": 0.02, "batch_size": 32}
-# L6-oscillators: a network that drives the physics harder than L1's (2 physical layers, theta drawn
-# over the whole envelope, lr 0.05 with cosine decay, data-set rescalings), the same for PAT and
-# in-silico. Deeper (3-4 layers), narrower input windows and L1's own config gave no larger gap either.
-L6_OSC_TRAIN = {"method": "pat", "epochs": 10, "lr": 0.05, "lr_schedule": "cosine", "batch_size": 32,
-                "n_layers": 2, "theta_init_scale": 1.0, "rescale_init": "data"}
+# L6-oscillators: the same config for PAT and in-silico, at weak coupling: theta starts within 5 % of
+# the envelope (couplings |C| <= 0.1) and a small lr (0.005, cosine) keeps it weak, so the device's fixed
+# coupling error (std 0.05) is comparable to the learned couplings and the nominal model is visibly wrong
+# where the network runs (layer-2 outputs 0.20 nRMS off, vs 0.075 at L1-like strong coupling, where the
+# logit change from the mismatch, RMS 0.3, was far below the margins, median 5, and the gap stayed < 0.01).
+# 2 physical layers, data-set rescalings (the second layer's gains then carry layer 1's mismatch on).
+L6_OSC_TRAIN = {"method": "pat", "epochs": 10, "lr": 0.005, "lr_schedule": "cosine", "batch_size": 32,
+                "n_layers": 2, "theta_init_scale": 0.05, "rescale_init": "data"}
 SHG_TRAIN = {"method": "pat", "epochs": 40, "lr": 0.02, "lr_schedule": "cosine", "batch_size": 8,
              "readout_scale": 2.0, "rescale_init": "data", "input_window": (0.5, 1.0), "twin": {"kind": "mlp"}}
 # shg's twin for digits: the ideal model calibrated on 4096 measurements: the residual chirp (beta) by a

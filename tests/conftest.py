@@ -19,6 +19,18 @@ VOWELS_CSV = SHARED_DATA / "vowels_hillenbrand_women.csv"
 
 
 @pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`):
+    small tensors run fastest so, and a busy 2-core machine makes a pool of two threads crawl."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def ray_session():
     """A real local Ray for the whole module (2 CPUs, no dashboard), shut down afterwards."""
     import ray

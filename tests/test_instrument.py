@@ -29,12 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 OSC = {"kind": "oscillators", "n": 10}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def free_port() -> int:

@@ -13,12 +13,7 @@ from actors.systems.registry import build_system
 LAYOUT = {"n_inputs": 3, "n_params": 1, "n_outputs": 10}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def truth(u: np.ndarray) -> np.ndarray:

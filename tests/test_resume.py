@@ -36,34 +36,42 @@ def _finished_trials(db: Path) -> int:
         return 0
 
 
-def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("RAY_ADDRESS", "local")  # never attach to another cluster on this machine
+def _sweep_stopped_after_first_trial(tmp_path, name: str, sig: int) -> tuple[Path, str, subprocess.Popen, str]:
+    """Start `physfarm sweep` (3 one-at-a-time PAT trials) as a subprocess, send it `sig` once the
+    first trial's run is FINISHED in MLflow, wait for it to end. Returns (config path, store URI,
+    the ended process, its stderr)."""
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
     raw = {
         "devices": [{"name": "osc", "system": {"kind": "oscillators", "n": 16}}],
         "data": {"kind": "digits", "limit": 200},
         "train": {"method": "pat", "epochs": 2, "batch_size": 32, "seed": {"grid": [0, 1, 2]}},
-        "sweep": {"name": "res", "trial_cpus": 1, "max_concurrent_trials": 1,
+        "sweep": {"name": name, "trial_cpus": 1, "max_concurrent_trials": 1,
                   "storage_path": str(tmp_path / "ray_results")},
-        "tracking": {"uri": uri, "experiment": "res"},
+        "tracking": {"uri": uri, "experiment": name},
     }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw))
-
     proc = subprocess.Popen([sys.executable, "-m", "farm.cli", "sweep", str(path), "--quiet"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
         while _finished_trials(db) < 1:
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "no trial finished in time"
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)  # like Ctrl-C: Tune saves its state and stops
-        out, err = proc.communicate(timeout=180)
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
             proc.kill()
+    return path, uri, proc, err
+
+
+def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RAY_ADDRESS", "local")  # never attach to another cluster on this machine
+    # SIGTERM is taken like Ctrl-C: Tune saves its state and stops.
+    path, uri, proc, err = _sweep_stopped_after_first_trial(tmp_path, "res", signal.SIGTERM)
     assert proc.returncode == 130, err[-3000:]
     assert "--resume" in err.splitlines()[-1]
 
@@ -150,31 +158,7 @@ def test_sigkilled_sweep_resumes_without_losing_or_duplicating(tmp_path, monkeyp
     """SIGKILL gives the sweep no chance to clean up: its parent and running child runs stay RUNNING,
     its marker says running, Tune's saved state may lag behind. --resume takes them over."""
     monkeypatch.setenv("RAY_ADDRESS", "local")
-    db = tmp_path / "mlflow.db"
-    uri = f"sqlite:///{db}"
-    raw = {
-        "devices": [{"name": "osc", "system": {"kind": "oscillators", "n": 16}}],
-        "data": {"kind": "digits", "limit": 200},
-        "train": {"method": "pat", "epochs": 2, "batch_size": 32, "seed": {"grid": [0, 1, 2]}},
-        "sweep": {"name": "kill", "trial_cpus": 1, "max_concurrent_trials": 1,
-                  "storage_path": str(tmp_path / "ray_results")},
-        "tracking": {"uri": uri, "experiment": "kill"},
-    }
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    proc = subprocess.Popen([sys.executable, "-m", "farm.cli", "sweep", str(path), "--quiet"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while _finished_trials(db) < 1:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "no trial finished in time"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    path, uri, proc, _ = _sweep_stopped_after_first_trial(tmp_path, "kill", signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
 
     folder = tmp_path / "ray_results" / "kill"

@@ -36,13 +36,7 @@ BASE = {
 RECORDED_LAYOUT = {"n_inputs": 6, "n_params": 2, "n_outputs": 10}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small tensors run fastest on one thread, and a busy 2-core machine makes a pool of 2 crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,7 @@ if str(EXAMPLES) not in sys.path:
 KIND = "mylab.devices:Spectrometer"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_import_path_kind_builds_through_the_registry():
