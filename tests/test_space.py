@@ -145,6 +145,10 @@ def test_optuna_refuses_grids_and_names_the_extra_when_missing(monkeypatch):
     ({"scheduler": {"kind": "hyperband"}}, "sweep.scheduler.kind", "'asha' or 'pbt'"),
     ({"max_trials_per_device": {"osc3": 1}}, "sweep.max_trials_per_device.osc3", "not a configured device"),
     ({"max_trials_per_device": 0}, "sweep.max_trials_per_device", "at least 1"),
+    # found by the config fuzz: a null cap gave pydantic's two union-member errors in one line
+    ({"max_trials_per_device": {"osc": 1, "osc2": None}}, "sweep.max_trials_per_device",
+     "device 'osc2' needs a whole number of trials, at least 1, got None"),
+    ({"max_trials_per_device": "two"}, "sweep.max_trials_per_device", "one number for every device or"),
 ])
 def test_bad_sweep_settings_name_the_field(sweep, path, words):
     msg = error(cfg({}, sweep))
