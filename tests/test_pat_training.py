@@ -95,3 +95,25 @@ def test_methods_are_registered_and_validate():
         PATConfig.model_validate({"twin": {"kind": "oracle"}})
     with pytest.raises(ValueError, match="thetas"):
         PATConfig.model_validate({"twin": {"samples": 16, "thetas": 32}})
+
+
+def test_data_init_gives_constant_channels_a_typical_gain_not_1_over_zero(digits):
+    """Found by the L6 bench: through a noiseless twin with theta = 0 the always-blank pixels of
+    digits stay constant, and 1/std gains (clamped at 1e-6) reached 5e5, wrecking in-silico training."""
+    from trainers.networks import PNN, channel_spread
+
+    device = Oscillators(n=64, seed=0, mismatch=0.0, noise=0.0)
+    net = PNN(device, device.ideal_model(), n_features=64, n_classes=10, n_layers=2, theta_init_scale=0.0,
+              generator=torch.Generator().manual_seed(0))
+    x = digits.x_train[:64]
+    assert int((x.std(0) == 0).sum()) > 0  # the batch has constant pixels
+    net.data_init(x)
+    scale = net.rescale[1].scale.detach()
+    typical = float(scale.median())
+    assert float(scale.max()) <= 100 * typical, (float(scale.max()), typical)
+    assert torch.isfinite(net.readout.scale).all() and float(net.readout.scale.max()) < 1e3
+    # a channel that does vary keeps its own spread
+    h = torch.stack([torch.zeros(8), torch.arange(8.0), 2 * torch.arange(8.0)], dim=1)
+    spread = channel_spread(h)
+    assert spread[1] == pytest.approx(float(h[:, 1].std())) and spread[2] == pytest.approx(float(h[:, 2].std()))
+    assert spread[0] == pytest.approx(float(h[:, 1:].std(0).median()))

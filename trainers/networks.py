@@ -26,6 +26,17 @@ class TiledLinear(torch.nn.Linear):
             self.bias.zero_()
 
 
+def channel_spread(h: torch.Tensor, rel_floor: float = 0.01) -> torch.Tensor:
+    """Per-channel std of h[B, n] for setting gains, with channels that (nearly) never vary in the
+    batch (std below `rel_floor` of the median channel's: e.g. always-blank pixels seen through a
+    noiseless twin) given the median spread, so their gain is a typical one, not 1/std -> huge:
+    such a gain would carry any later variation of the channel (noise, mismatch) into the network
+    amplified by orders of magnitude."""
+    std = h.std(0)
+    typical = std.median().clamp_min(1e-6)
+    return torch.where(std < rel_floor * typical, typical, std)
+
+
 class PNN(torch.nn.Module):
     """Physical layers with only element-wise affine digital rescaling between them, read out from
     the first n_classes physical outputs of the last layer (the physics must do the work).
@@ -87,12 +98,12 @@ class PNN(torch.nn.Module):
             h = self.mixers[i - 1](h) if (self.hybrid and i > 0) else tile_to(h, n)
             if i > 0:
                 lo, hi = layer.spec.input_range
-                mean, std = h.mean(0), h.std(0).clamp_min(1e-6)
+                mean, std = h.mean(0), channel_spread(h)
                 rescale.scale.copy_((hi - lo) / (2 * spread * std))
                 rescale.bias.copy_((lo + hi) / 2 - rescale.scale * mean)
             h = layer(rescale(h))
         out = h[:, : self.n_classes]
-        mean, std = out.mean(0), out.std(0).clamp_min(1e-6)
+        mean, std = out.mean(0), channel_spread(out)
         self.readout.scale.copy_(self.readout_scale / std)
         self.readout.bias.copy_(-self.readout.scale * mean)
 
