@@ -6,6 +6,14 @@ the same epoch with the simulator called in-process. Both use the same trainer, 
 runs alternate (in-process, actor, in-process, ...) so machine load hits both alike; the figure is
 the median over repeats of the per-pair ratio.
 
+Measured in the same run, for reading the figure (in `details`, not the value):
+  - `ray_floor`: the median round trip of a bare Ray actor that returns at once, for the same
+    request (x[64, 64], theta[n_params] float32), and the ratio it alone would set:
+    1 + device calls x round trip / in-process epoch. No serving path can beat that floor.
+  - `simulator_bound`: the same pairs on the `plate` simulator (default size), whose forward pass
+    costs ~10x the oscillators': there the epoch is dominated by the simulator, which is what the
+    figure is meant to be about.
+
     python -m bench.overhead [--repeats 5] [--quick]
 """
 from __future__ import annotations
@@ -16,6 +24,7 @@ import statistics
 import time
 
 SYSTEM = {"kind": "oscillators", "seed": 0}
+SIM_BOUND = {"kind": "plate", "seed": 0}
 TRAIN = {"method": "pat", "epochs": 1, "batch_size": 64, "lr": 0.02, "seed": 0, "torch_threads": 1}
 
 
@@ -28,33 +37,20 @@ def _epoch(device, data) -> tuple[float, dict]:
     return time.perf_counter() - t0, result.history[-1]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="pairs of epochs (median of ratios)")
-    parser.add_argument("--quick", action="store_true", help="2 pairs, print only (no JSON)")
-    args = parser.parse_args(argv)
-    repeats = 2 if args.quick else args.repeats
-
-    import ray
-    import torch
-
+def _pairs(system: dict, name: str, data, repeats: int) -> list[dict]:
+    """Alternating (in-process, actor) one-epoch trainings on `system`."""
     from actors.systems.registry import build_system
     from farm.client import DeviceClient
     from farm.config import DeviceConfig
-    from farm.data import DataConfig, load_dataset
-    from farm.pool import NAMESPACE, start_device
+    from farm.pool import start_device, stop_device
     from trainers.metering import MeteredDevice
 
-    torch.set_num_threads(1)
-    data = load_dataset(DataConfig(kind="digits"))
-    ray.init(num_cpus=2, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
+    handles = start_device(DeviceConfig(name=name, system=dict(system)))  # noqa: F841 - keeps it alive
     try:
-        handles = start_device(DeviceConfig(name="p3-oscillators", system=dict(SYSTEM)))  # keep: alive
-        client = DeviceClient("p3-oscillators", client_id="bench-p3").connect()
-        local = MeteredDevice(build_system(dict(SYSTEM)))  # times its own forward calls
+        client = DeviceClient(name, client_id=f"bench-p3/{name}").connect()
+        local = MeteredDevice(build_system(dict(system)))  # times its own forward calls
         _epoch(local, data), _epoch(client, data)  # warm-up (imports, Ray workers, caches)
         pairs = []
-        load_before = os.getloadavg()[0]
         for i in range(repeats):
             local.seconds = 0.0
             t_local, h_local = _epoch(local, data)
@@ -68,31 +64,94 @@ def main(argv: list[str] | None = None) -> int:
                           "device_rows": h_actor["device_rows"],
                           "test_accuracy_in_process": h_local["test_accuracy"],
                           "test_accuracy_actor": h_actor["test_accuracy"]})
-            print(f"pair {i}: in-process {t_local:.3f} s (device {local.seconds:.3f} s), actor {t_actor:.3f} s "
-                  f"(busy {busy:.3f} s), ratio {t_actor / t_local:.3f}, load {os.getloadavg()[0]:.1f}")
-        stats = client.stats()
+            print(f"{system['kind']} pair {i}: in-process {t_local:.3f} s (device {local.seconds:.3f} s), actor "
+                  f"{t_actor:.3f} s (busy {busy:.3f} s), ratio {t_actor / t_local:.3f}, load {os.getloadavg()[0]:.1f}")
+        return pairs
+    finally:
+        stop_device(name)
+
+
+def _ray_round_trip_ms(n_params: int, repeats: int = 200) -> float:
+    """Median round trip (ms) of a bare async Ray actor that returns at once, for one request of the
+    bench's size: what Ray itself costs per device call here."""
+    import numpy as np
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Echo:
+        async def forward(self, x, theta, client):
+            return x[:, :10].copy()
+
+    echo = Echo.remote()
+    x, theta = np.zeros((64, 64), np.float32), np.zeros(n_params, np.float32)
+    ray.get(echo.forward.remote(x, theta, "p3"))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        ray.get(echo.forward.remote(x, theta, "p3"))
+        times.append(time.perf_counter() - t0)
+    ray.kill(echo)
+    return 1000 * statistics.median(times)
+
+
+def _summary(pairs: list[dict]) -> dict:
+    calls = pairs[0]["device_calls"]
+    t_local = statistics.median(p["in_process_s"] for p in pairs)
+    t_actor = statistics.median(p["actor_s"] for p in pairs)
+    return {"ratio": statistics.median(p["ratio"] for p in pairs), "device_calls": calls,
+            "in_process_s": t_local, "actor_s": t_actor,
+            "in_process_device_share": round(statistics.median(p["in_process_device_s"] / p["in_process_s"]
+                                                               for p in pairs), 3),
+            "extra_ms_per_device_call": round(1000 * (t_actor - t_local) / max(1, calls), 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="pairs of epochs (median of ratios)")
+    parser.add_argument("--quick", action="store_true", help="2 pairs, print only (no JSON)")
+    args = parser.parse_args(argv)
+    repeats = 2 if args.quick else args.repeats
+
+    import ray
+    import torch
+
+    from actors.systems.registry import build_system
+    from farm.data import DataConfig, load_dataset
+    from farm.pool import NAMESPACE
+
+    torch.set_num_threads(1)
+    data = load_dataset(DataConfig(kind="digits"))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
+    try:
+        load_before = os.getloadavg()[0]
+        pairs = _pairs(SYSTEM, "p3-oscillators", data, repeats)
+        rtt_ms = _ray_round_trip_ms(build_system(dict(SYSTEM)).spec.n_params)
+        bound = _pairs(SIM_BOUND, "p3-plate", data, max(2, repeats // 2 + 1))
         load_after = os.getloadavg()[0]
-        del handles
     finally:
         ray.shutdown()
-    value = statistics.median(p["ratio"] for p in pairs)
+    main_summary, bound_summary = _summary(pairs), _summary(bound)
+    value = main_summary["ratio"]
     met = value <= 1.15
-    calls = pairs[0]["device_calls"]
-    extra_ms = 1000 * (statistics.median(p["actor_s"] for p in pairs)
-                       - statistics.median(p["in_process_s"] for p in pairs)) / max(1, calls)
-    print(f"P3: {value:.3f} (target <= 1.15, {'met' if met else 'MISSED'}); "
-          f"{calls} device calls per epoch, about {extra_ms:.2f} ms extra per call")
+    floor = 1 + main_summary["device_calls"] * rtt_ms / 1000 / main_summary["in_process_s"]
+    print(f"P3: {value:.3f} (target <= 1.15, {'met' if met else 'MISSED'}); {main_summary['device_calls']} device "
+          f"calls per epoch, {main_summary['extra_ms_per_device_call']:.2f} ms extra per call; a bare Ray round "
+          f"trip is {rtt_ms:.2f} ms (floor ratio {floor:.3f}); simulator-bound (plate): "
+          f"{bound_summary['ratio']:.3f}")
     if not args.quick:
         from bench.common import write_result
 
         path = write_result("P3", value, "ratio", "<= 1.15", met, "python -m bench.overhead", {
-            "pairs": pairs, "median_over": "alternating pairs of one-epoch trainings",
-            "extra_ms_per_device_call": round(extra_ms, 3), "system": SYSTEM, "train": TRAIN,
-            "data": {"kind": "digits"}, "ray": {"num_cpus": 2, "device_actor_num_cpus": 0},
-            "actor_busy_s": stats.get("busy_s"), "actor_calls": stats.get("calls"),
+            "pairs": pairs, "median_over": "alternating pairs of one-epoch trainings", **main_summary,
+            "system": SYSTEM, "train": TRAIN, "data": {"kind": "digits"},
+            "ray": {"num_cpus": 2, "device_actor_num_cpus": 0},
+            "ray_floor": {"bare_round_trip_ms": round(rtt_ms, 3), "floor_ratio": round(floor, 3),
+                          "what": "1 + device calls x bare Ray round trip / in-process epoch"},
+            "simulator_bound": {"system": SIM_BOUND, **bound_summary, "pairs": bound},
             "load_avg_1m_before": round(load_before, 2), "load_avg_1m_after": round(load_after, 2),
-            "note": "ratios of wall times: load from other work on the 2-core box stretches the actor "
-                    "path (3 processes/threads per call) more than the in-process one",
+            "note": "ratios of wall times on a 2-core machine; the oscillators' forward pass is cheap "
+                    "(~1.5 ms per 64-row call), so the epoch is mostly the trainer's own compute and Ray's "
+                    "fixed per-call cost weighs in",
         })
         print(f"  wrote {path}")
     return 0
