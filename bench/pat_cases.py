@@ -23,32 +23,9 @@ import time
 
 import torch
 
+from trainers.metering import MeteredDevice  # counts calls and rows, times them
+
 _CACHE: dict[str, str] = {}
-
-
-class Timed:
-    """Wraps a local device: counts calls and rows and times them (the device's own seconds)."""
-
-    def __init__(self, inner):
-        self.inner = inner  # `inner`: the twin cache sees the simulator's config through it
-        self.calls = 0
-        self.rows = 0
-        self.seconds = 0.0
-
-    @property
-    def spec(self):
-        return self.inner.spec
-
-    def ideal_model(self):
-        return self.inner.ideal_model()
-
-    def forward(self, x, theta):
-        t0 = time.perf_counter()
-        y = self.inner.forward(x, theta)
-        self.seconds += time.perf_counter() - t0
-        self.calls += 1
-        self.rows += int(x.shape[0])
-        return y
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
@@ -61,10 +38,10 @@ def _data(case, args):
     return load_dataset(DataConfig(**cfg))
 
 
-def _device(system: dict) -> Timed:
+def _device(system: dict) -> MeteredDevice:
     from actors.systems.registry import build_system
 
-    return Timed(build_system(dict(system)))
+    return MeteredDevice(build_system(dict(system)))
 
 
 def _config(case, seed: int, args, **overrides):
@@ -171,7 +148,7 @@ def pat_minus_insilico(case, args) -> dict:
     from trainers.twins import obtain_twin
 
     _, cfg = _config(case, 0, args)
-    twin = obtain_twin(Timed(build_system(dict(case.system))), cfg.twin).twin
+    twin = obtain_twin(MeteredDevice(build_system(dict(case.system))), cfg.twin).twin
     twin_err = _fresh_twin_error(twin, case.system)
     pairs = []
     for seed in _seeds(case, args):
@@ -305,9 +282,9 @@ def pat_cases(Case) -> list:
         Case("L2-vowels", "PAT, shg, vowels", pat_accuracy, ">= 0.90", 0.90,
              system=SHG, data={"kind": "vowels"}, train=SHG_TRAIN),
         Case("L3", "PAT, plate, digits", pat_accuracy, ">= 0.87", 0.87,
-             system=PLATE, data={"kind": "digits"}, train=PLATE_TRAIN, seeds=(0,)),
+             system=PLATE, data={"kind": "digits"}, train=PLATE_TRAIN),
         Case("L4", "PAT, circuit, digits", pat_accuracy, ">= 0.90", 0.90,
-             system=CIRCUIT, data={"kind": "digits"}, train=CIRCUIT_TRAIN, seeds=(0,)),
+             system=CIRCUIT, data={"kind": "digits"}, train=CIRCUIT_TRAIN),
         Case("L6-oscillators", "PAT minus in-silico (same twin), oscillators, digits", pat_minus_insilico,
              ">= +0.05", 0.05, system=OSC, data={"kind": "digits"}, train=L6_OSC_TRAIN),
         Case("L6-shg", "PAT minus in-silico (same twin), shg, vowels", pat_minus_insilico,

@@ -102,30 +102,7 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path, mo
         outcome = run_sweep(cfg, resume=True)
     finally:
         ray.shutdown()
-    assert outcome.resumed and not outcome.interrupted
-    assert outcome.parent_run_id == marker["parent_run_id"]
-    assert len(outcome.rows) == 3 and all(r.status == "TERMINATED" for r in outcome.rows)
-    assert read_marker(folder)["status"] == "finished"
-
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if PARENT_TAG not in r.data.tags]
-    children = [r for r in runs if r.data.tags.get(PARENT_TAG) == marker["parent_run_id"]]
-    assert [p.info.run_id for p in parents] == [marker["parent_run_id"]]  # the same parent run went on
-    assert parents[0].info.status == "FINISHED" and parents[0].data.tags["physfarm.resumed"] == "1"
-    assert len(children) == 3 and len({r.data.tags["physfarm.trial_id"] for r in children}) == 3
-    for run in children:
-        assert run.info.status == "FINISHED"
-        history = client.get_metric_history(run.info.run_id, "test_accuracy")
-        # Each epoch once; an epoch that ended after the last saved checkpoint is redone on resume
-        # and logged again at the same step (its newest value is the run's).
-        assert sorted({m.step for m in history}) == [1, 2], history
-        final = {r.trial_id: r.metrics["test_accuracy"] for r in outcome.rows}
-        tid = run.data.tags["physfarm.trial_id"]
-        assert run.data.metrics["test_accuracy"] == pytest.approx(final[tid])
-        if tid in done_before:  # finished before the interruption: not run again
-            assert [m.step for m in history] == [1, 2]
-            assert run.info.run_id == done_before[tid].info.run_id
-            assert run.info.end_time == done_before[tid].info.end_time
+    _assert_resumed_once(client, "res", folder, marker, outcome, done_before)
 
     # The leaderboard, read back from MLflow.
     capsys.readouterr()
@@ -154,6 +131,34 @@ def _children(client: MlflowClient, experiment: str) -> tuple[list, list]:
     return [r for r in runs if PARENT_TAG not in r.data.tags], [r for r in runs if PARENT_TAG in r.data.tags]
 
 
+def _assert_resumed_once(client: MlflowClient, experiment: str, folder: Path, marker: dict, outcome,
+                         done_before: dict) -> None:
+    """After --resume: the same parent run went on and finished, every trial has exactly one FINISHED
+    child run with each epoch's point, and trials that had finished before the stop were not run again."""
+    assert outcome.resumed and not outcome.interrupted
+    assert outcome.parent_run_id == marker["parent_run_id"]
+    assert len(outcome.rows) == 3 and all(r.status == "TERMINATED" for r in outcome.rows)
+    assert read_marker(folder)["status"] == "finished"
+    parents, children = _children(client, experiment)
+    assert [p.info.run_id for p in parents] == [marker["parent_run_id"]]  # taken over, not a second one
+    assert parents[0].info.status == "FINISHED" and parents[0].data.tags["physfarm.resumed"] == "1"
+    assert all(r.data.tags[PARENT_TAG] == marker["parent_run_id"] for r in children)
+    assert len(children) == 3 and len({r.data.tags["physfarm.trial_id"] for r in children}) == 3
+    final = {r.trial_id: r.metrics["test_accuracy"] for r in outcome.rows}
+    for run in children:
+        assert run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "test_accuracy")
+        # Each epoch once; an epoch that ended after the last saved checkpoint is redone on resume
+        # and logged again at the same step (its newest value is the run's).
+        assert sorted({m.step for m in history}) == [1, 2], history
+        tid = run.data.tags["physfarm.trial_id"]
+        assert run.data.metrics["test_accuracy"] == pytest.approx(final[tid])
+        if tid in done_before:  # ended before the stop: not trained or written again
+            assert [m.step for m in history] == [1, 2]
+            assert run.info.run_id == done_before[tid].info.run_id
+            assert run.info.end_time == done_before[tid].info.end_time
+
+
 def test_sigkilled_sweep_resumes_without_losing_or_duplicating(tmp_path, monkeypatch):
     """SIGKILL gives the sweep no chance to clean up: its parent and running child runs stay RUNNING,
     its marker says running, Tune's saved state may lag behind. --resume takes them over."""
@@ -176,21 +181,7 @@ def test_sigkilled_sweep_resumes_without_losing_or_duplicating(tmp_path, monkeyp
         outcome = run_sweep(load_config(path), resume=True)
     finally:
         ray.shutdown()
-    assert outcome.resumed and not outcome.interrupted and outcome.parent_run_id == marker["parent_run_id"]
-    assert len(outcome.rows) == 3 and all(r.status == "TERMINATED" for r in outcome.rows)
-    assert read_marker(folder)["status"] == "finished"
-    parents, children = _children(client, "kill")
-    assert [p.info.run_id for p in parents] == [marker["parent_run_id"]]  # taken over, not a second one
-    assert parents[0].info.status == "FINISHED" and parents[0].data.tags["physfarm.resumed"] == "1"
-    assert len(children) == 3 and len({r.data.tags["physfarm.trial_id"] for r in children}) == 3
-    for run in children:
-        assert run.info.status == "FINISHED"
-        history = client.get_metric_history(run.info.run_id, "test_accuracy")
-        assert sorted({m.step for m in history}) == [1, 2], history
-        tid = run.data.tags["physfarm.trial_id"]
-        if tid in done_before:  # ended before the kill: not trained or written again
-            assert [m.step for m in history] == [1, 2]
-            assert run.info.end_time == done_before[tid].info.end_time
+    _assert_resumed_once(client, "kill", folder, marker, outcome, done_before)
 
 
 def _first_pid(folder: Path) -> int | None:
