@@ -2,7 +2,7 @@
 unless told otherwise, and the Ray that `physfarm sweep` starts keeps token authentication on.
 
 Each test runs the real thing: `physfarm ui` (a real MLflow UI process), the instrument server's real
-socket, a real local Ray in a subprocess that another process then tries to join without its token.
+socket, a real local Ray in a subprocess that another process then tries to join with a token of its own.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def test_physfarm_ui_warns_when_told_to_listen_on_all_interfaces(tmp_path):
 
 
 HEAD = textwrap.dedent("""
-    import os, sys, time
+    import os, sys
     import ray
     from farm.sweep import init_ray
     init_ray(None)                      # what `physfarm sweep` does without --address
@@ -111,7 +111,7 @@ def test_sweep_ray_keeps_token_authentication_on(tmp_path):
         mode, gcs = line
         assert mode == "token", f"RAY_AUTH_MODE in the sweep's process is {mode!r}: token auth was switched off"
         assert (tmp_path / ".ray" / "auth_token").is_file()
-        # Another user's process (no token) is refused; one holding the token joins.
+        # Another user's process (its own, wrong token) is refused; one holding the token joins.
         other = {**env, "HOME": str(tmp_path / "other"), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "x" * 32}
         out = subprocess.run([sys.executable, "-c", JOIN, gcs], capture_output=True, text=True, env=other,
                              timeout=120).stdout
