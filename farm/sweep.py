@@ -74,13 +74,22 @@ def _last_line(error: BaseException) -> str:
     return (lines[-1] if lines else type(error).__name__)[:300]
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its CPU affinity: `taskset`, a batch scheduler's cpuset),
+    which is what a local Ray should offer trials; os.cpu_count() counts the whole machine."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity API on this platform
+        return os.cpu_count() or 1
+
+
 def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     if address:
         ray.init(address=address, namespace="physfarm", log_to_driver=False, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=os.cpu_count(), namespace="physfarm", include_dashboard=False,
+        ray.init(num_cpus=usable_cpus(), namespace="physfarm", include_dashboard=False,
                  log_to_driver=False, logging_level=logging.WARNING)
 
 

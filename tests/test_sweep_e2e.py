@@ -1,6 +1,7 @@
 """End to end on a real Ray, real Tune and a real MLflow SQLite store: tiny sweeps."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +136,20 @@ def test_pbt_exploits_checkpoints(ray_session, tmp_path, store):
     for run in children:
         assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
         assert "hp.lr" in run.data.metrics  # the mutated value, per epoch
+
+
+def test_local_ray_offers_the_cores_this_process_may_use():
+    """Under `taskset -c 0` (or a batch scheduler's cpuset) a local sweep must not run two trials on one core."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs taskset and at least 2 cores to pin a process to one of them")
+    code = "from farm.sweep import usable_cpus; print(usable_cpus())"
+    pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert pinned.stdout.strip() == "1", pinned.stderr
+    from farm.sweep import usable_cpus
+
+    assert usable_cpus() == len(os.sched_getaffinity(0))
