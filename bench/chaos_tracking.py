@@ -23,20 +23,19 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import yaml
 
+from .faults import MLflowServer
+
 BIN = Path(sys.executable).parent
 PHYSFARM = str(BIN / "physfarm")
-MLFLOW = str(BIN / "mlflow")
 JOURNAL = "mlflow_journal.jsonl"
 TIMEOUT_S = 600
 
@@ -138,48 +137,11 @@ def count(uri: str, experiment: str, folder: Path, trials: int, epochs: int) -> 
     }
 
 
-# ----------------------------------------------------------------------------------------------------
-class _Server:
-    def __init__(self, root: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.root = root
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.db = root / "backend.db"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 180) -> None:
-        self.proc = subprocess.Popen(
-            [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{self.db}", "--artifacts-destination",
-             str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            cwd=self.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-        def healthy() -> bool:
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
-                    return resp.status == 200
-            except OSError:
-                return False
-        _wait(healthy, None, "healthy MLflow server", timeout_s)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-
-        def closed() -> bool:
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", self.port)) != 0
-        _wait(closed, None, "closed server port", 60)
-
-
 def mlflow_down(trials: int = 2, epochs: int = 3, outage_s: float = 5.0) -> dict:
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="chaos-mlflow-") as tmp:
         root = Path(tmp)
-        (root / "server").mkdir()
-        server = _Server(root / "server")
+        server = MLflowServer(root / "server")
         server.start()
         try:
             # The end of the sweep waits for the restarted server (slow to start on a loaded machine).

@@ -131,3 +131,63 @@ def _close(*socks) -> None:
             s.close()
         except OSError:
             pass
+
+
+class MLflowServer:
+    """A real `mlflow server` on a loopback port with a SQLite backend (`db`) in `root`, for crashing
+    and bringing back: kill() SIGKILLs its whole process group (its workers too: a crash, not a clean
+    shutdown) and waits until the port is closed; start() (again) serves the same store on the same
+    port. Used by the tracking-fault tests and the chaos bench."""
+
+    def __init__(self, root, mlflow: str | None = None):
+        import sys
+        from pathlib import Path
+
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.mlflow = mlflow or str(Path(sys.executable).parent / "mlflow")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.db = self.root / "backend.db"
+        self.backend = f"sqlite:///{self.db}"
+        self.proc = None
+
+    def start(self, timeout_s: float = 180) -> None:
+        import subprocess
+        import time
+        import urllib.request
+
+        self.proc = subprocess.Popen(
+            [self.mlflow, "server", "--backend-store-uri", self.backend, "--artifacts-destination",
+             str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            cwd=self.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server on port {self.port} exited with {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.url} did not become healthy in {timeout_s} s")
+
+    def kill(self, timeout_s: float = 60) -> None:
+        import os
+        import signal
+        import time
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:  # its workers (same group) are gone once the port is free
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) != 0:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"port {self.port} still answers {timeout_s} s after the server was killed")

@@ -7,8 +7,6 @@ import io
 import json
 import os
 import shutil
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,69 +17,20 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from bench.faults import MLflowServer
 from farm.cli import main
 from farm.journal import JOURNAL, TrackingJournal, limit_http_retries
 from farm.tracking import PARENT_TAG
 
-MLFLOW = str(Path(sys.executable).parent / "mlflow")
 PHYSFARM = str(Path(sys.executable).parent / "physfarm")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`mlflow server` on a fixed loopback port and SQLite backend; stop() kills its whole process group
-    (the server's workers too), start() brings it back on the same port and store."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.backend = f"sqlite:///{root / 'backend.db'}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 120) -> None:
-        import urllib.request
-
-        self.proc = subprocess.Popen(
-            [MLFLOW, "server", "--backend-store-uri", self.backend, "--artifacts-destination",
-             str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            cwd=self.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"mlflow server exited with {self.proc.returncode}"
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise AssertionError(f"{self.url} did not become healthy in {timeout_s} s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # a crash, not a clean shutdown
-            self.proc.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # its workers (same group) are gone once the port is free
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) != 0:
-                    return
-            time.sleep(0.2)
 
 
 @pytest.fixture
 def server(tmp_path):
-    srv = Server(tmp_path / "server")
-    srv.root.mkdir()
+    srv = MLflowServer(tmp_path / "server")
     srv.start()
     yield srv
-    srv.stop()
+    srv.kill()
 
 
 def test_journal_keeps_writes_while_the_server_is_down_and_replays_them_once(server, tmp_path):
@@ -94,7 +43,7 @@ def test_journal_keeps_writes_while_the_server_is_down_and_replays_them_once(ser
     j.call("log_batch", run=parent, metrics=[["m", 1.0, 1000, 1]])
     assert not j.pending and not (tmp_path / "sweep" / JOURNAL).exists()
 
-    server.stop()
+    server.kill()
     child = j.call("create_run", experiment_id=exp, run_name="c", tags={PARENT_TAG: parent})
     assert child.startswith("pending-")
     art = tmp_path / "note.txt"
@@ -166,11 +115,11 @@ def test_server_killed_mid_sweep_and_restarted_loses_nothing(server, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
-        while _epoch_points(server.root / "backend.db") < 1:  # the first epoch reached MLflow
+        while _epoch_points(server.db) < 1:  # the first epoch reached MLflow
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "no epoch logged in time"
             time.sleep(0.2)
-        server.stop()
+        server.kill()
         while not journal.exists():  # the sweep goes on and keeps its writes
             assert proc.poll() is None, proc.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "no write kept in time"
@@ -209,7 +158,7 @@ def test_report_replays_a_journal_left_by_a_sweep(server, tmp_path, capsys, monk
     exp = client.create_experiment("left")
     folder = tmp_path / "ray_results" / "left"
     j = TrackingJournal(server.url, folder, stream=io.StringIO())
-    server.stop()
+    server.kill()
     parent = j.call("create_run", experiment_id=exp, run_name="left",
                     tags={"physfarm.kind": "sweep", "physfarm.sweep": "left"})
     child = j.call("create_run", experiment_id=exp, run_name="left/t1",
