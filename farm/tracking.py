@@ -112,18 +112,41 @@ def numeric_metrics(result: dict) -> dict[str, float]:
 CURVE_METRICS = ("loss", "train_accuracy", "test_accuracy", "twin_error", "twin_probe_error")
 
 
+def param_rows(config: dict) -> list[list[str]]:
+    """A nested config as MLflow params, [[dotted key, value as text (cut at MLflow's 6000)], ...]."""
+    return [[k, str(v)[:6000]] for k, v in flatten(config).items()]
+
+
+def epoch_metrics(result: dict, extra: dict | None = None) -> dict[str, float]:
+    """The numeric metrics of one epoch's report (the epoch itself is the step, not a metric)."""
+    values = {k: v for k, v in numeric_metrics(result).items() if k != "epoch"}
+    values.update(extra or {})
+    return values
+
+
+def sweep_journal(owner):
+    """The journal an owner's MLflow writes go through (farm.journal): the sweep folder's, shared in
+    this process, or without a folder (`owner.journal_dir` None: a callback pickled by an older
+    version, a tracker used alone) a throwaway one that keeps nothing on disk, cached on the owner.
+    `owner` has uri, journal_dir and client."""
+    from .journal import TrackingJournal, journal_for
+
+    if owner.journal_dir is not None:
+        return journal_for(owner.uri, owner.journal_dir)
+    if getattr(owner, "_mem", None) is None:
+        owner._mem = TrackingJournal(owner.uri, tempfile.mkdtemp(prefix="physfarm-journal-"), owner.client)
+    return owner._mem
+
+
 def log_params(client: MlflowClient, run_id: str, config: dict) -> None:
-    params = {k: str(v)[:6000] for k, v in flatten(config).items()}
-    items = [Param(k, v) for k, v in params.items()]
+    items = [Param(k, v) for k, v in param_rows(config)]
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run_id, params=items[i : i + 100])
 
 
 def log_epoch(client: MlflowClient, run_id: str, result: dict, step: int, extra: dict | None = None) -> None:
     ts = int(time.time() * 1000)
-    values = {k: v for k, v in numeric_metrics(result).items() if k != "epoch"}
-    values.update(extra or {})
-    metrics = [Metric(k, v, ts, step) for k, v in values.items()]
+    metrics = [Metric(k, v, ts, step) for k, v in epoch_metrics(result, extra).items()]
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i : i + 1000])
 
@@ -192,24 +215,15 @@ class SweepTracker:
 
     @property
     def journal(self):
-        from .journal import TrackingJournal, journal_for
-
-        if self.journal_dir is None:  # no folder to keep writes in: a throwaway journal in memory only
-            if not hasattr(self, "_mem"):
-                self._mem = TrackingJournal(self.uri, tempfile.mkdtemp(prefix="physfarm-journal-"), self.client)
-            return self._mem
-        return journal_for(self.uri, self.journal_dir)
-
-    def _params(self, run: str, config: dict) -> None:
-        params = [[k, str(v)[:6000]] for k, v in flatten(config).items()]
-        self.journal.call("log_batch", run=run, params=params)
+        return sweep_journal(self)
 
     def start(self, config: dict, devices: list[dict]) -> str:
         self.experiment_id = get_or_create_experiment(self.client, self.experiment, self.uri)
         j = self.journal
         self.parent_run_id = j.call("create_run", experiment_id=self.experiment_id, run_name=self.sweep_name,
                                     tags={SWEEP_TAG: self.sweep_name, "physfarm.kind": "sweep"})
-        self._params(self.parent_run_id, {"sweep": config.get("sweep", {}), "data": config.get("data", {})})
+        j.call("log_batch", run=self.parent_run_id,
+               params=param_rows({"sweep": config.get("sweep", {}), "data": config.get("data", {})}))
         j.call("log_text", run=self.parent_run_id, text=yaml.safe_dump(config, sort_keys=False),
                artifact_file="sweep_config.yaml")
         j.call("log_text", run=self.parent_run_id, text=yaml.safe_dump(devices, sort_keys=False),
@@ -299,13 +313,7 @@ class MLflowCallback(tune.Callback):
 
     @property
     def journal(self):
-        from .journal import TrackingJournal, journal_for
-
-        if self.journal_dir is None:  # a sweep started by an older version: writes are not kept on disk
-            if getattr(self, "_mem", None) is None:
-                self._mem = TrackingJournal(self.uri, tempfile.mkdtemp(prefix="physfarm-journal-"), self.client)
-            return self._mem
-        return journal_for(self.uri, self.journal_dir)
+        return sweep_journal(self)
 
     def __getstate__(self):  # Tune pickles callbacks (experiment state); clients do not pickle
         state = dict(self.__dict__)
@@ -372,8 +380,7 @@ class MLflowCallback(tune.Callback):
         match = {PARENT_TAG: j.resolve(self.parent_run_id), TRIAL_TAG: trial.trial_id} if find else None
         run_id = j.call("create_run", experiment_id=self.experiment_id, run_name=f"{self.sweep_name}/{trial.trial_id}",
                         tags=tags, match=match, reopen=True)
-        params = [[k, str(v)[:6000]] for k, v in flatten({"train": resolved}).items()]
-        j.call("log_batch", run=run_id, params=params)
+        j.call("log_batch", run=run_id, params=param_rows({"train": resolved}))
         j.call("log_text", run=run_id, text=yaml.safe_dump({"train": resolved}, sort_keys=False),
                artifact_file="config.yaml")
         return run_id
@@ -389,13 +396,14 @@ class MLflowCallback(tune.Callback):
         if trial.trial_id in self._done:
             return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        values = {k: v for k, v in numeric_metrics(result).items() if k != "epoch"}
+        watched = {}
         for path in self.watch:
             value = _pick(trial.config.get("train", {}), path)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                values[f"hp.{path}"] = float(value)
+                watched[f"hp.{path}"] = float(value)
         ts = int(time.time() * 1000)  # ms, kept in the journal: a replayed point is the same point
-        self.journal.call("log_batch", run=run_id, metrics=[[k, v, ts, step] for k, v in values.items()])
+        self.journal.call("log_batch", run=run_id,
+                          metrics=[[k, v, ts, step] for k, v in epoch_metrics(result, watched).items()])
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         """The trial's worker failed or died and Tune retries it from its last checkpoint (max_failures):
