@@ -11,11 +11,17 @@ look hung or flaky without touching the server:
 
 Bytes that arrive while hung are discarded (as a dead link would lose them), so a client waiting for
 a reply times out instead of getting a late one.
+
+Beside it, for the tests and benches that run real servers on loopback: `free_port`, `wait_healthy`
+(an MLflow server's /health), `listening_addresses` (where a port is bound, from /proc/net), and
+`MLflowServer` (a real `mlflow server` that can be crashed and brought back).
 """
 from __future__ import annotations
 
+import os
 import socket
 import threading
+from pathlib import Path
 
 PASS, HANG, DROP = "pass", "hang", "drop"
 
@@ -133,6 +139,51 @@ def _close(*socks) -> None:
             pass
 
 
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc, timeout_s: float = 120) -> None:
+    """Wait until an MLflow server (`mlflow server`, `physfarm ui`) at `url` answers /health; raise if
+    its process `proc` exits first or the time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server for {url} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not become healthy in {timeout_s} s")
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local IPv4/IPv6 addresses with a socket in LISTEN state on `port` (from /proc/net/tcp*)."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hexport = local.split(":")
+            if state == "0A" and int(hexport, 16) == port:  # 0A: TCP_LISTEN
+                if width == 8:
+                    found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(addr)[::-1]))
+                else:  # four little-endian 32-bit words
+                    raw = b"".join(bytes.fromhex(addr[i:i + 8])[::-1] for i in range(0, 32, 8))
+                    found.add(socket.inet_ntop(socket.AF_INET6, raw))
+    return found
+
+
 class MLflowServer:
     """A real `mlflow server` on a loopback port with a SQLite backend (`db`) in `root`, for crashing
     and bringing back: kill() SIGKILLs its whole process group (its workers too: a crash, not a clean
@@ -141,14 +192,11 @@ class MLflowServer:
 
     def __init__(self, root, mlflow: str | None = None):
         import sys
-        from pathlib import Path
 
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.mlflow = mlflow or str(Path(sys.executable).parent / "mlflow")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.db = self.root / "backend.db"
         self.backend = f"sqlite:///{self.db}"
@@ -156,28 +204,14 @@ class MLflowServer:
 
     def start(self, timeout_s: float = 180) -> None:
         import subprocess
-        import time
-        import urllib.request
 
         self.proc = subprocess.Popen(
             [self.mlflow, "server", "--backend-store-uri", self.backend, "--artifacts-destination",
              str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             cwd=self.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server on port {self.port} exited with {self.proc.returncode}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"{self.url} did not become healthy in {timeout_s} s")
+        wait_healthy(self.url, self.proc, timeout_s)
 
     def kill(self, timeout_s: float = 60) -> None:
-        import os
         import signal
         import time
 

@@ -24,18 +24,13 @@ from actors.instrument import protocol as P
 from actors.instrument.client import Instrument
 from actors.instrument.server import InstrumentServer, run_from_args, system_config_from_args
 from actors.systems.registry import build_system
+from bench.faults import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 OSC = {"kind": "oscillators", "n": 10}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rand(spec, rows, seed=0):

@@ -3,44 +3,21 @@ unless told otherwise, and the Ray that `physfarm sweep` starts keeps token auth
 
 Each test runs the real thing: `physfarm ui` (a real MLflow UI process), the instrument server's real
 socket, a real local Ray in a subprocess that another process then tries to join with a token of its own.
+That the UI listens on 127.0.0.1 only is checked with the tracking server's tests
+(tests/test_tracking_server.py), which already run one.
 """
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 from actors.instrument.server import InstrumentServer
+from bench.faults import free_port, listening_addresses
 
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _listening(port: int) -> set[str]:
-    """Local IPv4/IPv6 addresses with a socket in LISTEN state on `port` (from /proc/net/tcp*)."""
-    found = set()
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
-        if not os.path.exists(table):
-            continue
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            addr, hexport = local.split(":")
-            if state == "0A" and int(hexport, 16) == port:  # 0A: TCP_LISTEN
-                if width == 8:
-                    found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(addr)[::-1]))
-                else:  # four little-endian 32-bit words
-                    raw = b"".join(bytes.fromhex(addr[i:i + 8])[::-1] for i in range(0, 32, 8))
-                    found.add(socket.inet_ntop(socket.AF_INET6, raw))
-    return found
 
 
 def test_instrument_server_binds_loopback_by_default():
@@ -48,29 +25,13 @@ def test_instrument_server_binds_loopback_by_default():
     host, port = server.start()
     try:
         assert host == "127.0.0.1"
-        assert _listening(port) == {"127.0.0.1"}
+        assert listening_addresses(port) == {"127.0.0.1"}
     finally:
         server.stop()
 
 
-def test_physfarm_ui_listens_on_loopback_only(tmp_path):
-    port = _free_port()
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = subprocess.Popen([str(BIN / "physfarm"), "ui", "--tracking-uri", uri, "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not _listening(port):
-            assert proc.poll() is None, proc.communicate()[1][-2000:]
-            time.sleep(0.3)
-        assert _listening(port) == {"127.0.0.1"}, "the MLflow UI must listen on 127.0.0.1 only"
-    finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(30)
-
-
 def test_physfarm_ui_warns_when_told_to_listen_on_all_interfaces(tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([str(BIN / "physfarm"), "ui", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}",
                              "--port", str(port), "--host", "0.0.0.0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -7,40 +7,19 @@ import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from bench.faults import free_port, listening_addresses, wait_healthy
 from farm.cli import main
 from farm.config import parse_config
 from farm.sweep import run_sweep
 from farm.tracking import PARENT_TAG
 
 PHYSFARM = str(Path(sys.executable).parent / "physfarm")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"server exited with {proc.returncode}"
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} did not become healthy in {timeout_s} s")
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -102,6 +81,7 @@ def test_ui_is_the_mlflow_server_on_loopback_only(server):
     args = [a.decode() for a in cmdline if a]
     assert args[1].endswith("mlflow") and "ui" in args  # physfarm exec'd MLflow's server in place
     assert args[args.index("--host") + 1] == "127.0.0.1" and args[args.index("--port") + 1] == str(port)
+    assert listening_addresses(port) == {"127.0.0.1"}, "the MLflow UI must listen on 127.0.0.1 only"
     others = {ai[4][0] for ai in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)} - {"127.0.0.1"}
     for host in others:  # not reachable on the machine's other addresses
         with socket.socket() as s:
