@@ -71,3 +71,12 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def sweep_env() -> dict:
+    """Environment for a `physfarm` subprocess a bench times: none of this shell's Ray or MLflow
+    settings (a cluster address, a tracking URI), and RAY_ADDRESS=local so that it starts its own Ray
+    instead of joining another one on this machine."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env["RAY_ADDRESS"] = "local"
+    return env

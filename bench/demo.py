@@ -13,13 +13,14 @@ installing into it, then the job) is measured too and written to the details.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.common import sweep_env
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_S = 180.0
@@ -31,15 +32,9 @@ def _clone(into: Path) -> Path:
     return dest
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    env["RAY_ADDRESS"] = "local"  # never attach to another cluster on this machine
-    return env
-
-
 def _timed(cmd: list[str], cwd: Path, timeout_s: float) -> tuple[float, subprocess.CompletedProcess]:
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout_s)
+    proc = subprocess.run(cmd, cwd=cwd, env=sweep_env(), capture_output=True, text=True, timeout=timeout_s)
     return time.monotonic() - t0, proc
 
 

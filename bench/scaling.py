@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from bench.common import sweep_env
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -45,11 +47,9 @@ def run(replicas: int, cores: list[int], trials: int, epochs: int) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"physfarm-p5-r{replicas}-") as tmp:
         root = Path(tmp)
         path = _config(root, replicas, trials, epochs)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-        env["RAY_ADDRESS"] = "local"
         t0 = time.monotonic()
         proc = subprocess.run(["taskset", "-c", ",".join(map(str, cores)), sys.executable, "-m", "farm.cli",
-                               "sweep", str(path), "--quiet"], cwd=REPO, env=env, capture_output=True,
+                               "sweep", str(path), "--quiet"], cwd=REPO, env=sweep_env(), capture_output=True,
                               text=True, timeout=1800)
         wall = time.monotonic() - t0
         if proc.returncode != 0:
