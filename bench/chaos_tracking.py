@@ -13,7 +13,7 @@ the scenario says) and counts what reached MLflow:
 
 Each returns {name, faults_injected, trials_expected, trials_finished, runs_expected, runs_complete,
 lost_trials, lost_runs, lost_metrics, wall_s, details}; lost_metrics is the expected epoch points
-(test_accuracy, one per trial and epoch) minus the distinct (run, step) points present in MLflow.
+(val_accuracy, one per trial and epoch) minus the distinct (run, step) points present in MLflow.
 Sizes: oscillators n=16, digits limit 200, PAT (operating point named in `details`).
 
     python -m bench.chaos_tracking            # runs all four, prints their dicts as JSON
@@ -45,7 +45,8 @@ def _config(root: Path, name: str, uri: str, trials: int, epochs: int, tracking:
     raw = {
         "devices": [{"name": "osc", "system": {"kind": "oscillators", "n": 16}}],
         "data": {"kind": "digits", "limit": 200},
-        "train": {"method": "pat", "epochs": epochs, "batch_size": 32, "seed": {"grid": list(range(trials))}},
+        "train": {"method": "pat", "epochs": epochs, "batch_size": 32, "seed": {"grid": list(range(trials))},
+                  "encoder": {"kind": "downsample", "size": [4, 4]}},
         "sweep": {"name": name, "trial_cpus": 1, "max_concurrent_trials": 1,
                   "storage_path": str(root / "ray_results"), **sweep},
         "tracking": {"uri": uri, "experiment": name, **(tracking or {})},
@@ -77,7 +78,7 @@ def _query(db: Path, sql: str) -> int:
 
 FINISHED_TRIALS = ("select count(*) from runs r join tags t on r.run_uuid = t.run_uuid where t.key = "
                    "'physfarm.kind' and t.value = 'trial' and r.status = 'FINISHED'")
-EPOCH_POINTS = "select count(*) from metrics where key = 'test_accuracy'"
+EPOCH_POINTS = "select count(*) from metrics where key = 'val_accuracy'"
 
 
 def _wait(cond, proc: subprocess.Popen | None, what: str, timeout_s: float = TIMEOUT_S) -> None:
@@ -111,7 +112,7 @@ def count(uri: str, experiment: str, folder: Path, trials: int, epochs: int) -> 
     for tid, rs in by_trial.items():
         steps: list[int] = []
         for r in rs:
-            steps += [m.step for m in client.get_metric_history(r.info.run_id, "test_accuracy")]
+            steps += [m.step for m in client.get_metric_history(r.info.run_id, "val_accuracy")]
         distinct = set(steps) & set(range(1, epochs + 1))
         present += len(distinct)
         repeated += len(steps) - len(set(steps))

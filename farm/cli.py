@@ -20,25 +20,24 @@ def _mlflow_ui_command(uri: str) -> str:
 
 
 def format_leaderboard(outcome, metric: str, mode: str) -> str:
+    """Ranked by `metric` at each trial's selected checkpoint; its test accuracy (one final pass on
+    that checkpoint) beside it, never used to rank."""
+    from .sweep import selected_value
+    from .tables import fmt_number, format_table
+
     rows = outcome.leaderboard(metric, mode)
     keys = [k for k in dict.fromkeys(k for r in rows for k in r.config)]
-    header = ["rank", "trial", *keys, metric, "epochs", "device_s", "status"]
+    header = ["rank", "trial", *keys, metric, "test_accuracy", "epochs", "device_s", "status"]
     table = [header]
     for i, r in enumerate(rows, 1):
-        value = r.metrics.get(metric)
         table.append([
             str(i), r.trial_id, *(f"{r.config.get(k)}" for k in keys),
-            f"{value:.4f}" if isinstance(value, (int, float)) else "-",
+            fmt_number(selected_value(r.metrics, metric)), fmt_number(r.metrics.get("test_accuracy")),
             str(r.metrics.get("epoch", "-")),
             f"{r.metrics['device_s']:.2f}" if isinstance(r.metrics.get("device_s"), (int, float)) else "-",
             r.status if not r.error else f"{r.status}: {r.error}",
         ])
     return format_table(table)
-
-
-def format_table(table: list[list[str]]) -> str:
-    widths = [max(len(row[c]) for row in table) for c in range(len(table[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
 
 
 def _forward_sigterm() -> None:
@@ -87,7 +86,8 @@ def cmd_sweep(args) -> int:
         "on each trial's device" if len(devices) > 1 else f"on device '{devices[0]}'"
     print()
     state = " (resumed)" if outcome.resumed else ""
-    print(f"Leaderboard{state}: {len(outcome.rows)} trials, {cfg.sweep.metric} measured {where}")
+    print(f"Leaderboard{state}: {len(outcome.rows)} trials by {cfg.sweep.metric} (validation split), "
+          f"test_accuracy beside it (the selected checkpoint's one test pass), measured {where}")
     print(format_leaderboard(outcome, cfg.sweep.metric, cfg.sweep.mode))
     print()
     print(f"MLflow: experiment '{outcome.experiment}', sweep run {outcome.parent_run_id}, store {outcome.tracking_uri}")

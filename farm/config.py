@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from actors.systems.registry import validate_system_config
 from trainers.registry import METHODS
 
 from .data import DataConfig
 from .errors import ConfigError, format_validation_error
+from .fitcheck import check_fit
 from .space import samplers
 from .trainspec import check_train
 from .tuning import SchedulerSettings, check_sweep
@@ -72,8 +73,10 @@ class SweepSettings(BaseModel):
     name: str | None = Field(default=None, pattern=NAME_PATTERN, description="Tune experiment name")
     num_samples: int = Field(default=1, ge=1, le=100_000,
                              description="samples per grid point (with search: optuna, the number of trials)")
-    metric: str = Field(default="test_accuracy", description="metric that ranks trials")
-    mode: Literal["max", "min"] = "max"
+    metric: str = Field(default="val_accuracy", description="metric that ranks trials and that schedulers "
+                        "(ASHA, PBT) stop and clone by: a validation or training metric, never a test one")
+    mode: Literal["max", "min"] | None = Field(default=None, description="max or min (default: min for a "
+                                                "metric named *loss*, else max)")
     max_concurrent_trials: int | None = Field(default=None, ge=1)
     max_trials_per_device: int | dict[str, int] | None = Field(
         default=None, description="most trials running at once on one device: one number for every "
@@ -89,6 +92,26 @@ class SweepSettings(BaseModel):
         default=2, ge=-1, le=1000,
         description="times a trial is retried after its worker fails or dies (a crash, a killed process, "
                     "a lost node), each time from its last checkpoint; 0: never, -1: without limit")
+
+    @field_validator("metric")
+    @classmethod
+    def _not_a_test_metric(cls, value: str) -> str:
+        if value.startswith("test") or "_test" in value:
+            raise ValueError(
+                f"'{value}' is measured on the test split, which each trial opens once, at its end, on the "
+                f"checkpoint it selected by validation; ranking, stopping (ASHA) or cloning (PBT) by it "
+                f"would select on the test set. Rank by val_accuracy (or val_loss with mode: min)")
+        return value
+
+    @model_validator(mode="after")
+    def _mode_of_metric(self) -> "SweepSettings":
+        lossy = "loss" in self.metric
+        if self.mode is None:
+            self.mode = "min" if lossy else "max"
+        elif lossy and self.mode == "max":
+            raise ValueError(f"sweep.mode: 'max' with metric '{self.metric}' would pick the worst trial; use "
+                             f"mode: min (or leave mode out)")
+        return self
 
     @field_validator("scheduler", mode="before")
     @classmethod
@@ -181,9 +204,7 @@ def _check_train(cfg: FarmConfig) -> None:
 
 
 def _check_data(cfg: FarmConfig) -> None:
-    if cfg.data.kind in ("vowels", "mnist"):
-        if not cfg.data.path:
-            raise ConfigError(f"data.path: required for data.kind '{cfg.data.kind}'")
+    if cfg.data.path:
         path = Path(cfg.data.path).expanduser().resolve()
         if not path.exists():
             raise ConfigError(f"data.path: '{cfg.data.path}' does not exist (resolved to {path})")
@@ -201,6 +222,7 @@ def parse_config(raw: Any, source: str = "config") -> FarmConfig:
     check_systems(cfg)
     _check_data(cfg)
     _check_train(cfg)
+    check_fit(cfg)  # the data opened, each trial's network built on spec-only stand-ins
     return cfg
 
 

@@ -1,4 +1,5 @@
-"""PNG figures logged with each run: the learning curve and the test set's confusion matrix.
+"""PNG figures logged with each run: the learning curve (training and validation) and the confusion
+matrix of the trainer's one final test pass (so its accuracy is the logged `test_accuracy`).
 
 matplotlib comes with mlflow; the Agg backend draws without a display.
 """
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-LABELS = {"loss": "training loss", "train_accuracy": "train accuracy", "test_accuracy": "test accuracy (device)",
+LABELS = {"loss": "training loss", "val_loss": "validation loss", "train_accuracy": "train accuracy",
+          "val_accuracy": "validation accuracy (device)",
           "twin_error": "twin error (held out)", "twin_probe_error": "twin error (probe)"}
 
 
@@ -26,8 +28,8 @@ def learning_curve(series: dict[str, list[tuple[int, float]]], path: str | Path,
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    groups = [[k for k in ("loss",) if k in series],
-              [k for k in ("train_accuracy", "test_accuracy") if k in series],
+    groups = [[k for k in ("loss", "val_loss") if k in series],
+              [k for k in ("train_accuracy", "val_accuracy") if k in series],
               [k for k in ("twin_error", "twin_probe_error") if k in series]]
     groups = [g for g in groups if g] or [sorted(series)]
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)

@@ -62,7 +62,9 @@ def find_sweep(client, experiment: str | None, sweep: str | None):
 def leaderboard(client, parent) -> dict:
     from .tracking import PARENT_TAG
 
-    metric = parent.data.params.get("sweep.metric", "test_accuracy")
+    from .sweep import selected_value
+
+    metric = parent.data.params.get("sweep.metric", "val_accuracy")
     mode = parent.data.params.get("sweep.mode", "max")
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
@@ -72,7 +74,7 @@ def leaderboard(client, parent) -> dict:
     varying = [k for k in keys if len({r.data.params.get(k) for r in children}) > 1]
 
     def rank_key(run):
-        value = run.data.metrics.get(metric)
+        value = selected_value(run.data.metrics, metric)
         if run.info.status != "FINISHED" or value is None or value != value:
             return (1, 0.0)
         return (0, -value if mode == "max" else value)
@@ -96,16 +98,17 @@ def leaderboard(client, parent) -> dict:
 
 
 def format_report(board: dict) -> str:
-    from .cli import format_table
 
     metric = board["metric"]
     params = list(dict.fromkeys(k for r in board["trials"] for k in r["params"]))
-    table = [["rank", "trial", *params, metric, "epoch", "device_s", "status"]]
+    from .sweep import selected_value
+    from .tables import fmt_number, format_table
+
+    table = [["rank", "trial", *params, metric, "test_accuracy", "epoch", "device_s", "status"]]
     for r in board["trials"]:
         m = r["metrics"]
-        value = m.get(metric)
         table.append([str(r["rank"]), str(r["trial_id"]), *(str(r["params"].get(k)) for k in params),
-                      f"{value:.4f}" if isinstance(value, (int, float)) else "-",
+                      fmt_number(selected_value(m, metric)), fmt_number(m.get("test_accuracy")),
                       str(r["epoch"]) if r.get("epoch") is not None else "-",
                       f"{m['device_s']:.2f}" if isinstance(m.get("device_s"), (int, float)) else "-",
                       r["status"] + (f": {r['error']}" if r["error"] else "")])

@@ -58,14 +58,21 @@ class SweepOutcome:
     def path(self) -> str:
         return str(Path(self.storage_path) / self.name)
 
-    def leaderboard(self, metric: str = "test_accuracy", mode: str = "max") -> list[TrialRow]:
-        """Finished trials best first, then the others."""
+    def leaderboard(self, metric: str = "val_accuracy", mode: str = "max") -> list[TrialRow]:
+        """Finished trials best first (by their selected checkpoint's `metric`), then the others."""
         def key(row: TrialRow):
-            value = row.metrics.get(metric)
+            value = selected_value(row.metrics, metric)
             if row.status != "TERMINATED" or not isinstance(value, (int, float)) or value != value:
                 return (1, 0.0)
             return (0, -value if mode == "max" else value)
         return sorted(self.rows, key=key)
+
+
+def selected_value(metrics: dict, metric: str):
+    """A trial's value of `metric` at the checkpoint it selected (`best_<metric>` where the trainer
+    reports one, e.g. best_val_accuracy), else its last reported value."""
+    value = metrics.get(f"best_{metric}")
+    return metrics.get(metric) if value is None else value
 
 
 def _last_line(error: BaseException) -> str:
@@ -401,8 +408,9 @@ def _sampled_keys(cfg: FarmConfig) -> list[str]:
 
 def _row_json(rank: int, row: TrialRow, metric: str) -> dict:
     return {"rank": rank, "trial_id": row.trial_id, "run_id": row.run_id, "status": row.status,
-            "config": row.config, metric: row.metrics.get(metric), "epoch": row.metrics.get("epoch"),
-            "device_s": row.metrics.get("device_s"), "error": row.error}
+            "config": row.config, metric: selected_value(row.metrics, metric),
+            "test_accuracy": row.metrics.get("test_accuracy"), "selected_epoch": row.metrics.get("selected_epoch"),
+            "epoch": row.metrics.get("epoch"), "device_s": row.metrics.get("device_s"), "error": row.error}
 
 
 __all__ = ["run_sweep", "SweepOutcome", "TrialRow", "init_ray", "check_resumable", "read_marker", "PARENT_TAG"]

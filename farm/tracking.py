@@ -109,7 +109,7 @@ def numeric_metrics(result: dict) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------
 # One training run (a sweep's trial or `physfarm train`): the same params, metrics and artifacts
 # ----------------------------------------------------------------------------------------------------
-CURVE_METRICS = ("loss", "train_accuracy", "test_accuracy", "twin_error", "twin_probe_error")
+CURVE_METRICS = ("loss", "val_loss", "train_accuracy", "val_accuracy", "twin_error", "twin_probe_error")
 
 
 def param_rows(config: dict) -> list[list[str]]:

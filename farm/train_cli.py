@@ -60,7 +60,7 @@ class ProgressBar:
         per = elapsed / max(1, epoch - self.start_epoch)
         eta = per * (self.total - epoch)
         parts = [f"[{'#' * done}{'.' * (self.width - done)}] epoch {epoch}/{self.total}"]
-        for key, label in (("loss", "loss"), ("train_accuracy", "train"), ("test_accuracy", "test"),
+        for key, label in (("loss", "loss"), ("train_accuracy", "train"), ("val_accuracy", "val"),
                            ("device_s", "device_s")):
             value = metrics.get(key)
             if isinstance(value, (int, float)):
@@ -111,12 +111,11 @@ def run_training(cfg, train_cfg, method_name: str, uri: str, address: str | None
 
     from trainers.registry import method
 
-    from .client import DeviceClient
     from .data import load_dataset
     from .pool import find_device, start_device, stop_device
     from .sweep import init_ray
     from .tracking import get_or_create_experiment, log_epoch, log_failure, log_outcome, log_params
-    from .trainable import EpochReporter
+    from .trainable import EpochReporter, connect_devices, trial_devices
 
     stream = stream or sys.stderr
     resolved = train_cfg.model_dump(mode="json")
@@ -125,9 +124,8 @@ def run_training(cfg, train_cfg, method_name: str, uri: str, address: str | None
     experiment_id = get_or_create_experiment(client, cfg.tracking.experiment, uri)
 
     init_ray(address)
-    dev = cfg.device(train_cfg.device)
-    started = find_device(dev.name) is None
-    handles = start_device(dev) if started else []  # the actors live as long as their handles
+    started = [cfg.device(n) for n in trial_devices(train_cfg) if find_device(n) is None]
+    handles = [start_device(dev) for dev in started]  # the actors live as long as their handles
     run = client.create_run(experiment_id, run_name=run_name,
                             tags={"physfarm.kind": "train", "physfarm.method": method_name,
                                   "physfarm.device": str(train_cfg.device)})
@@ -152,7 +150,7 @@ def run_training(cfg, train_cfg, method_name: str, uri: str, address: str | None
             bar.update(int(metrics.get("epoch", 0)), metrics)
 
     try:
-        device = DeviceClient(train_cfg.device, client_id=f"train/{run_id}").connect()
+        device = connect_devices(train_cfg, f"train/{run_id}")
         data = load_dataset(cfg.data)
         m = method(method_name)
         reporter = EpochReporter(device, method_name, train_cfg, data, sink)
@@ -172,17 +170,18 @@ def run_training(cfg, train_cfg, method_name: str, uri: str, address: str | None
               f"(MLflow run {run_id})", file=sys.stderr)
         return 1
     finally:
-        if started:
+        for dev in started:
             stop_device(dev.name, dev.replicas)
-            handles.clear()
+        handles.clear()
     if bar is not None:
         bar.close()
     log_outcome(client, run_id, keep, run_name)
     client.set_terminated(run_id, "FINISHED")
     shutil.rmtree(keep, ignore_errors=True)
-    acc = last.get("test_accuracy")
-    print(f"Trained {method_name} on device '{train_cfg.device}': test_accuracy "
-          f"{acc:.4f}" if isinstance(acc, (int, float)) else "Trained: no test accuracy reported")
+    acc, val, sel = last.get("test_accuracy"), last.get("selected_val_accuracy"), last.get("selected_epoch")
+    print(f"Trained {method_name} on device '{train_cfg.device}': epoch {sel} selected by val_accuracy "
+          f"{val:.4f}; its test_accuracy {acc:.4f} (one pass on the test split)"
+          if isinstance(acc, (int, float)) else "Trained: no test accuracy reported")
     print(f"MLflow: experiment '{cfg.tracking.experiment}', run {run_id}, store {uri}")
     return 0
 

@@ -7,7 +7,8 @@ accounting (cumulative over the whole training, also across restores: `device_s`
   state.pt          everything the trainer needs to resume (tune.get_checkpoint() restores it)
   params.npz        trained theta and digital weights, for people
   twin.pt           the trainer's twin, when its state has one
-  predictions.npz   y_true, y_pred of the test set (last epoch only; see farm.predictions)
+  predictions.npz   y_true, y_pred of the test set: the trainer's one final pass on the checkpoint it
+                    selected by validation (last epoch only)
   accounting.json   the device accounting at this checkpoint (so a restore continues the count)
 """
 from __future__ import annotations
@@ -25,7 +26,6 @@ from trainers.registry import method
 
 from .client import DeviceClient
 from .data import DataConfig, load_dataset
-from .predictions import test_predictions
 from .trainspec import resolve_train
 
 ACCOUNTING = ("device_s", "queue_wait_s", "device_requests")
@@ -42,8 +42,9 @@ def save_checkpoint_dir(folder: Path, state: dict, accounting: dict | None = Non
     arrays = {k.replace(".", "_"): v.detach().cpu().numpy() for k, v in model.items()
               if isinstance(v, torch.Tensor)}
     np.savez(folder / "params.npz", **arrays)
-    if state.get("twin") is not None:
-        torch.save(state["twin"], folder / "twin.pt")
+    twins = [t for t in (state.get("twins") or []) if t and t.get("twin") is not None]
+    if twins:  # the twin of each device the trainer used (PAT, in-silico)
+        torch.save(twins[0]["twin"] if len(twins) == 1 else [t["twin"] for t in twins], folder / "twin.pt")
     if predictions is not None:
         np.savez(folder / "predictions.npz", y_true=predictions[0], y_pred=predictions[1])
     if accounting is not None:
@@ -59,10 +60,6 @@ def load_checkpoint(checkpoint: tune.Checkpoint | None) -> tuple[dict | None, di
         acc = Path(folder) / "accounting.json"
         accounting = json.loads(acc.read_text()) if acc.exists() else {}
     return state, accounting
-
-
-def load_checkpoint_state(checkpoint: tune.Checkpoint | None) -> dict | None:
-    return load_checkpoint(checkpoint)[0]
 
 
 def apply_config_to_state(state: dict, config) -> dict:
@@ -82,6 +79,27 @@ def apply_config_to_state(state: dict, config) -> dict:
     return state
 
 
+def test_predictions(data, state: dict | None) -> tuple | None:
+    """(y_true, y_pred) of the trainer's final test pass (int64 numpy), or None before it."""
+    pred = (state or {}).get("test_predictions")
+    if pred is None:
+        return None
+    return data.y_test.numpy().astype("int64"), torch.as_tensor(pred).to(torch.int64).numpy()
+
+
+def trial_devices(train_cfg) -> list[str]:
+    """The pool devices a trial uses: one per physical layer where the config names several."""
+    names = train_cfg.layer_devices() if hasattr(train_cfg, "layer_devices") else [train_cfg.device]
+    return list(dict.fromkeys(n for n in names if n is not None))
+
+
+def connect_devices(train_cfg, client_id: str):
+    """A connected DeviceClient for the trial's device, or {name: client} when it uses several."""
+    names = trial_devices(train_cfg)
+    clients = {n: DeviceClient(n, client_id=client_id).connect() for n in names}
+    return clients[names[0]] if len(clients) == 1 else clients
+
+
 class EpochReporter:
     """The trainer's `report`: adds device accounting, saves the checkpoint folder, hands both on.
 
@@ -90,7 +108,7 @@ class EpochReporter:
 
     def __init__(self, device, method_name: str, config, data, sink: Callable[[dict, Path], None],
                  accounting: dict | None = None):
-        self.device = device
+        self.devices = list(device.values()) if isinstance(device, dict) else [device]
         self.method_name = method_name
         self.config = config
         self.data = data
@@ -99,12 +117,17 @@ class EpochReporter:
         self.last = self._usage()  # the actor may have served this client before (a restore)
 
     def _usage(self) -> dict:
-        try:
-            u = self.device.client_stats()
-        except Exception:  # noqa: BLE001 - a device without accounting (e.g. a local simulator)
-            u = {}
-        return {"device_s": float(u.get("device_s", 0.0)), "queue_wait_s": float(u.get("wait_s", 0.0)),
-                "device_requests": float(u.get("requests", 0.0))}
+        """This trial's use of its devices so far, summed over them."""
+        out = {"device_s": 0.0, "queue_wait_s": 0.0, "device_requests": 0.0}
+        for device in self.devices:
+            try:
+                u = device.client_stats()
+            except Exception:  # noqa: BLE001 - a device without accounting (e.g. a local simulator)
+                u = {}
+            out["device_s"] += float(u.get("device_s", 0.0))
+            out["queue_wait_s"] += float(u.get("wait_s", 0.0))
+            out["device_requests"] += float(u.get("requests", 0.0))
+        return out
 
     def _advance(self) -> dict:
         """Add what the device counted since the last look. A restarted actor counts from zero again:
@@ -117,10 +140,7 @@ class EpochReporter:
         return dict(self.total)
 
     def __call__(self, metrics: dict, state: dict | None) -> None:
-        predictions = None
-        last = int(metrics.get("epoch", 0)) >= int(getattr(self.config, "epochs", 0) or 0)
-        if state is not None and last:  # measured before the accounting, so it is counted
-            predictions = test_predictions(self.method_name, self.config, self.device, self.data, state)
+        predictions = test_predictions(self.data, state)
         accounting = self._advance()
         metrics = dict(metrics, **accounting)
         with tempfile.TemporaryDirectory() as folder:
@@ -137,7 +157,7 @@ def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: b
     train_cfg = m.config_class.model_validate(train)
     ctx = tune.get_context()
     client_id = f"{ctx.get_experiment_name()}/{ctx.get_trial_id()}"
-    device = DeviceClient(train_cfg.device, client_id=client_id).connect()
+    device = connect_devices(train_cfg, client_id)
     dataset = load_dataset(DataConfig(**data))
     checkpoint = tune.get_checkpoint()
     state, accounting = load_checkpoint(checkpoint)

@@ -141,6 +141,10 @@ def validate_train(concrete: dict, devices: list[str], mixed: bool = False) -> B
         raise ConfigError(f"train.device: required when several devices are defined; one of {devices}")
     if device not in devices:
         raise ConfigError(f"train.device: '{device}' is not a configured device; one of {devices}")
+    for i, layer in enumerate(getattr(tc, "layers", None) or []):
+        if layer.device is not None and layer.device not in devices:
+            raise ConfigError(f"train.layers[{i}].device: '{layer.device}' is not a configured device; "
+                              f"one of {devices}")
     return tc
 
 

@@ -14,7 +14,9 @@ from farm.errors import ConfigError
 GOOD = {
     "devices": [{"name": "osc", "system": {"kind": "oscillators", "n": 16}}],
     "data": {"kind": "digits"},
-    "train": {"method": "pat", "epochs": 1, "lr": {"grid": [0.01, 0.1]}},
+    # a 16-input device meets the 64 digit pixels pooled to 4x4 (refused without an encoder: see below)
+    "train": {"method": "pat", "epochs": 1, "lr": {"grid": [0.01, 0.1]},
+              "encoder": {"kind": "downsample", "size": [4, 4]}},
     "sweep": {"name": "t"},
 }
 
@@ -43,8 +45,22 @@ BAD = [
     (_with("train.device", "plate"), "train.device", "not a configured device"),
     (_with("train.method", "magic"), "train.method", "unknown training method 'magic'"),
     (_with("devices", []), "devices", "at least 1"),
-    (_with("data.kind", "cifar"), "data.kind", "'digits', 'vowels' or 'mnist'"),
+    (_with("data.kind", "cifar"), "data.kind", "'fashion_mnist', 'mnist', 'mnist_sample', 'file' or 'function'"),
     (_with("data", {"kind": "vowels", "path": "/no/such.csv"}), "data.path", "does not exist"),
+    (_with("data", {"kind": "fashion_mnist", "path": "/no/such/folder"}), "data.path", "does not exist"),
+    (_with("data", {"kind": "function"}), "data.function", "required"),
+    # honest selection: nothing ranks, stops or clones trials by test
+    (_with("sweep.metric", "test_accuracy"), "sweep.metric", "Rank by val_accuracy"),
+    (_with("sweep", {"metric": "val_loss", "mode": "max"}), "sweep.mode", "use mode: min"),
+    # no silent truncation: more features than device inputs needs an encoder
+    (_with("train.encoder", None), "train", "Choose train.encoder"),
+    (_with("train.encoder", {"kind": "patches", "patch": 3}), "train", "does not divide the 8x8 images"),
+    (_with("train.encoder", {"kind": "patches"}), "train.encoder", "encoder.patch: required"),
+    (_with("train.readout", [0, 1, 2]), "train", "10 distinct indices below 16"),
+    (_with("devices.0.system", {"kind": "oscillators", "n": 16, "n_outputs": 8}), "train",
+     "gives 8 outputs but the data set has 10 classes"),
+    (_with("train.layers", [{"device": "osc"}, {"device": "laser"}]), "train.layers[1].device",
+     "not a configured device"),
 ]
 
 

@@ -11,6 +11,10 @@ from trainers.pat import train_pat
 from trainers.registry import method
 
 
+# 16-oscillator devices see the 8x8 digits pooled to 4x4 (tiling would cut 48 of the 64 pixels)
+DOWN = {"kind": "downsample", "size": [4, 4]}
+
+
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset(DataConfig(kind="digits", limit=300))
@@ -21,7 +25,8 @@ def test_deep_and_hybrid_pnns_train_and_theta_stays_in_the_envelope(digits, hybr
     device = Oscillators(n=16, seed=0)
     lo, hi = device.spec.param_range
     # a large learning rate drives theta into the envelope's walls
-    cfg = PATConfig(epochs=3, batch_size=32, lr=0.3, n_layers=2, hybrid=hybrid, theta_init_scale=0.9)
+    cfg = PATConfig(epochs=3, batch_size=32, lr=0.3, n_layers=2, hybrid=hybrid, theta_init_scale=0.9,
+                    encoder=DOWN)
     seen = []
     r = train_pat(cfg, device, digits, report=lambda m, s: seen.append(s["model"]))
     for state in seen:
@@ -37,7 +42,8 @@ def test_deep_and_hybrid_pnns_train_and_theta_stays_in_the_envelope(digits, hybr
 @pytest.mark.parametrize("hybrid", [False, True])
 def test_deep_networks_learn(digits, hybrid):
     device = Oscillators(n=16, seed=0)
-    r = train_pat(PATConfig(epochs=4, batch_size=16, lr=0.05, n_layers=2, hybrid=hybrid), device, digits)
+    r = train_pat(PATConfig(epochs=4, batch_size=16, lr=0.05, n_layers=2, hybrid=hybrid, encoder=DOWN),
+                  device, digits)
     assert r.test_accuracy > 0.3  # chance is 0.1
 
 
@@ -46,22 +52,33 @@ def test_hybrid_network_starts_as_the_pnn(digits):
 
     device = Oscillators(n=16, seed=0, noise=0.0)
     twin = device.ideal_model()
-    a = PNN(device, twin, 64, 10, n_layers=2, generator=torch.Generator().manual_seed(0))
-    b = PNN(device, twin, 64, 10, n_layers=2, generator=torch.Generator().manual_seed(0), hybrid=True)
+    a = PNN(device, twin, 64, 10, n_layers=2, generator=torch.Generator().manual_seed(0), encoder=DOWN,
+            image_shape=(8, 8))
+    b = PNN(device, twin, 64, 10, n_layers=2, generator=torch.Generator().manual_seed(0), hybrid=True,
+            encoder=DOWN, image_shape=(8, 8))
     x = digits.x_test[:8]
     assert torch.allclose(a(x), b(x))
 
 
 def test_resume_from_state_gives_identical_results(digits):
     twin = {"kind": "calibrated", "samples": 256, "thetas": 8, "steps": 20, "cache": False, "refresh_every": 2}
-    cfg = PATConfig(epochs=3, batch_size=32, twin=twin)
+    cfg = PATConfig(epochs=3, batch_size=32, twin=twin, encoder=DOWN)
     straight = train_pat(cfg, Oscillators(n=16, seed=0, noise=0.0), digits)
 
     states = []
+
+    class Killed(Exception):
+        pass
+
+    def report_then_die(metrics, state):  # the training is killed after its first checkpoint
+        states.append(state)
+        raise Killed
+
     first_device = Oscillators(n=16, seed=0, noise=0.0)
-    train_pat(cfg.model_copy(update={"epochs": 1}), first_device, digits, report=lambda m, s: states.append(s))
+    with pytest.raises(Killed):
+        train_pat(cfg, first_device, digits, report=report_then_die)
     saved = torch.load(_roundtrip(states[-1]), weights_only=False)  # as a checkpoint would
-    assert saved["twin"]["kind"] == "calibrated" and "state_dict" in saved["twin"]
+    assert saved["twins"][0]["twin"]["kind"] == "calibrated" and "state_dict" in saved["twins"][0]["twin"]
     resumed_device = Oscillators(n=16, seed=0, noise=0.0)
     resumed = train_pat(cfg, resumed_device, digits, state=saved)
 
@@ -69,8 +86,8 @@ def test_resume_from_state_gives_identical_results(digits):
     assert resumed_device.calls == sum(m["device_calls"] for m in resumed.history[1:])  # no twin refit at start
     for k, v in straight.state["model"].items():
         assert torch.equal(v, resumed.state["model"][k]), k
-    for k, v in straight.state["twin"]["state_dict"].items():
-        assert torch.equal(v, resumed.state["twin"]["state_dict"][k]), k
+    for k, v in straight.state["twins"][0]["twin"]["state_dict"].items():
+        assert torch.equal(v, resumed.state["twins"][0]["twin"]["state_dict"][k]), k
 
 
 def _roundtrip(state):

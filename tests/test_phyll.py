@@ -18,7 +18,7 @@ from trainers.registry import method
 from trainers.types import Dataset
 
 
-def _toy(n_train=40, n_test=12, n_features=6, n_classes=3, seed=0) -> Dataset:
+def _toy(n_train=40, n_test=12, n_features=6, n_classes=3, seed=0, n_val=None) -> Dataset:
     """Separable toy data: class c has high values on feature group c."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -30,8 +30,9 @@ def _toy(n_train=40, n_test=12, n_features=6, n_classes=3, seed=0) -> Dataset:
         return x.clamp(0, 1), y
 
     x_tr, y_tr = make(n_train)
+    x_va, y_va = make(n_test if n_val is None else n_val)
     x_te, y_te = make(n_test)
-    return Dataset("toy", x_tr, y_tr, x_te, y_te, n_classes)
+    return Dataset("toy", x_tr, y_tr, x_va, y_va, x_te, y_te, n_classes)
 
 
 class GuardedDevice:
@@ -113,7 +114,7 @@ def test_too_few_device_inputs_for_the_labels_is_a_clear_error():
 # ---- the device: no gradients, one measurement per block per epoch --------------------------------------
 @pytest.mark.parametrize("inner_steps", [1, 4])
 def test_no_gradient_reaches_device_and_calls_per_epoch_are_cached(inner_steps):
-    data = _toy()  # 40 train, 12 test, 3 classes
+    data = _toy()  # 40 train, 12 validation, 12 test, 3 classes
     device = GuardedDevice(Oscillators(n=8, seed=1))
     cfg = PhyLLConfig(epochs=2, n_blocks=2, batch_size=8, inner_steps=inner_steps, eval_batch_size=32,
                       train_eval_size=10, lr=0.01)
@@ -121,15 +122,18 @@ def test_no_gradient_reaches_device_and_calls_per_epoch_are_cached(inner_steps):
     train_phyll(cfg, device, data, report=lambda m, s: seen.append(m))
     rows_per_call = 32
     train_calls = 2 * math.ceil(2 * 40 / rows_per_call)  # blocks x (positives + negatives) / rows per call
+    # per epoch, every block on 10 training samples and 12 validation samples, each with 3 candidate labels
     eval_calls = 2 * (math.ceil(10 * 3 / rows_per_call) + math.ceil(12 * 3 / rows_per_call))
+    test_calls = 2 * math.ceil(12 * 3 / rows_per_call)  # once, after the last epoch
     for m in seen:
         assert m["device_calls_train"] == train_calls  # independent of inner_steps and batch size
         assert m["device_rows_train"] == 2 * 2 * 40
-        assert m["device_calls"] == train_calls + eval_calls
-        for key in ("epoch", "loss", "train_accuracy", "test_accuracy", "device_calls", "device_rows",
-                    "epoch_s"):
+        assert m["device_calls"] == train_calls + eval_calls + (test_calls if m["epoch"] == 2 else 0)
+        for key in ("epoch", "loss", "train_accuracy", "val_accuracy", "val_loss", "device_calls",
+                    "device_rows", "epoch_s"):
             assert key in m
-    assert device.calls == 2 * (train_calls + eval_calls)
+    assert "test_accuracy" not in seen[0] and "test_accuracy" in seen[1]
+    assert device.calls == 2 * (train_calls + eval_calls) + test_calls
 
 
 # ---- learning ---------------------------------------------------------------------------------------
@@ -145,7 +149,8 @@ def test_learns_vowels_on_oscillators(vowels_csv):
 
 def test_learns_digits_subset_on_oscillators():
     data = load_dataset(DataConfig(kind="digits", limit=300))
-    cfg = PhyLLConfig(epochs=4, n_blocks=1, batch_size=32, lr=0.01, train_eval_size=32, skip=True)
+    cfg = PhyLLConfig(epochs=4, n_blocks=1, batch_size=32, lr=0.01, train_eval_size=32, skip=True,
+                      encoder={"kind": "downsample", "size": [4, 8]})  # 64 pixels pooled onto 32 inputs
     result = train_phyll(cfg, Oscillators(n=32, seed=0), data)
     assert result.test_accuracy >= 0.5, result.history  # chance is 1/10
 
@@ -157,8 +162,9 @@ def test_unsupervised_variant_beats_chance():
     result = train_phyll(cfg, device, data)
     assert result.test_accuracy >= 0.8, result.history  # chance is 1/3
     assert "readout.weight" in result.params
-    # unsupervised: 2 blocks x 180 rows in 256-row calls, then the 30 test rows per block
-    assert result.history[-1]["device_calls_train"] == 2 and result.history[-1]["device_calls"] == 4
+    # unsupervised: 2 blocks x 180 rows in 256-row calls, then per block the 30 validation rows and,
+    # after the last epoch, the 30 test rows
+    assert result.history[-1]["device_calls_train"] == 2 and result.history[-1]["device_calls"] == 6
 
 
 # ---- resume -----------------------------------------------------------------------------------------
@@ -182,7 +188,8 @@ def test_resume_from_state_equals_an_uninterrupted_run(unsupervised):
 
     assert resumed.epochs == 4 and [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
     for a, b in zip(full.history, resumed.history):
-        assert a["loss"] == b["loss"] and a["test_accuracy"] == b["test_accuracy"]
+        assert a["loss"] == b["loss"] and a["val_accuracy"] == b["val_accuracy"]
+    assert full.test_accuracy == resumed.test_accuracy and full.best_epoch == resumed.best_epoch
     for k, v in full.params.items():
         np.testing.assert_array_equal(v, resumed.params[k], err_msg=k)
 

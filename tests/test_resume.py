@@ -45,7 +45,8 @@ def _sweep_stopped_after_first_trial(tmp_path, name: str, sig: int) -> tuple[Pat
     raw = {
         "devices": [{"name": "osc", "system": {"kind": "oscillators", "n": 16}}],
         "data": {"kind": "digits", "limit": 200},
-        "train": {"method": "pat", "epochs": 2, "batch_size": 32, "seed": {"grid": [0, 1, 2]}},
+        "train": {"method": "pat", "epochs": 2, "batch_size": 32, "seed": {"grid": [0, 1, 2]},
+                  "encoder": {"kind": "downsample", "size": [4, 4]}},
         "sweep": {"name": name, "trial_cpus": 1, "max_concurrent_trials": 1,
                   "storage_path": str(tmp_path / "ray_results")},
         "tracking": {"uri": uri, "experiment": name},
@@ -111,8 +112,9 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path, mo
     assert board["parent_run_id"] == marker["parent_run_id"] and board["status"] == "FINISHED"
     assert [t["rank"] for t in board["trials"]] == [1, 2, 3]
     assert {t["params"]["seed"] for t in board["trials"]} == {"0", "1", "2"}
-    accs = [t["metrics"]["test_accuracy"] for t in board["trials"]]
-    assert accs == sorted(accs, reverse=True)
+    accs = [t["metrics"]["best_val_accuracy"] for t in board["trials"]]
+    assert accs == sorted(accs, reverse=True)  # ranked by validation, never by test
+    assert all(0.0 <= t["metrics"]["test_accuracy"] <= 1.0 for t in board["trials"])  # shown beside it
 
 
 def test_report_reads_the_leaderboard_back(tmp_path, capsys):
@@ -147,7 +149,7 @@ def _assert_resumed_once(client: MlflowClient, experiment: str, folder: Path, ma
     final = {r.trial_id: r.metrics["test_accuracy"] for r in outcome.rows}
     for run in children:
         assert run.info.status == "FINISHED"
-        history = client.get_metric_history(run.info.run_id, "test_accuracy")
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
         # Each epoch once; an epoch that ended after the last saved checkpoint is redone on resume
         # and logged again at the same step (its newest value is the run's).
         assert sorted({m.step for m in history}) == [1, 2], history
@@ -207,7 +209,7 @@ def test_killed_trial_worker_resumes_from_its_last_checkpoint(tmp_path, monkeypa
     raw = {
         "devices": [{"name": "osc", "system": {"kind": "oscillators", "n": 16}}],
         "data": {"kind": "digits", "limit": 200},
-        "train": {"method": "pat", "epochs": epochs, "batch_size": 32, "seed": 0},
+        "train": {"method": "pat", "epochs": epochs, "batch_size": 32, "seed": 0, "encoder": {"kind": "downsample", "size": [4, 4]}},
         "sweep": {"name": "wk", "trial_cpus": 1, "max_failures": 1, "storage_path": str(tmp_path / "ray_results")},
         "tracking": {"uri": uri, "experiment": "wk"},
     }
@@ -250,7 +252,7 @@ def test_killed_trial_worker_resumes_from_its_last_checkpoint(tmp_path, monkeypa
     parents, children = _children(client, "wk")
     assert len(children) == 1 and children[0].info.status == "FINISHED"
     assert children[0].data.tags["physfarm.restarts"] == "1"
-    history = client.get_metric_history(children[0].info.run_id, "test_accuracy")
+    history = client.get_metric_history(children[0].info.run_id, "val_accuracy")
     steps = [m.step for m in history]
     assert sorted(set(steps)) == list(range(1, epochs + 1)), steps
     assert steps.count(1) == 1, steps  # epoch 1 was not trained again

@@ -25,7 +25,7 @@ DEVICES = [{"name": "osc", "system": {"kind": "oscillators", "n": 16}},
 
 def cfg(train: dict, sweep: dict | None = None, devices=None):
     return {"devices": copy.deepcopy(devices or DEVICES), "data": {"kind": "digits"},
-            "train": {"device": "osc", **train}, "sweep": sweep or {}}
+            "train": {"device": "osc", "encoder": {"kind": "downsample", "size": [4, 4]}, **train}, "sweep": sweep or {}}
 
 
 def error(raw) -> str:
@@ -193,11 +193,11 @@ def test_train_takes_first_values_and_refuses_ranges():
 def test_progress_bar_is_plain_text():
     out = io.StringIO()
     bar = ProgressBar(4, out, width=8)
-    bar.update(1, {"loss": 1.5, "test_accuracy": 0.25, "device_s": 0.5})
-    bar.update(4, {"loss": 0.5, "test_accuracy": 0.75})
+    bar.update(1, {"loss": 1.5, "val_accuracy": 0.25, "device_s": 0.5})
+    bar.update(4, {"loss": 0.5, "val_accuracy": 0.75})
     bar.close()
     lines = out.getvalue().splitlines()
-    assert lines[0].startswith("[##......] epoch 1/4") and "loss 1.500" in lines[0] and "test 0.250" in lines[0]
+    assert lines[0].startswith("[##......] epoch 1/4") and "loss 1.500" in lines[0] and "val 0.250" in lines[0]
     assert lines[1].startswith("[########] epoch 4/4") and len(lines) == 2
 
 

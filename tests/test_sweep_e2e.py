@@ -23,7 +23,8 @@ def _config(tmp_path, name: str, train: dict, sweep: dict | None = None, devices
     return parse_config({
         "devices": [dict(d) for d in devices],
         "data": {"kind": "digits", "limit": 200},
-        "train": {"method": "pat", "device": "osc", "epochs": 1, "batch_size": 32, **train},
+        "train": {"method": "pat", "device": "osc", "epochs": 1, "batch_size": 32, "encoder": {"kind": "downsample", "size": [4, 4]},
+                  **train},
         "sweep": {"name": name, "trial_cpus": 1, "storage_path": str(tmp_path / "ray_results"), **(sweep or {})},
         "tracking": {"experiment": name},
     })
@@ -67,6 +68,7 @@ def test_mixed_sweep_logs_everything_caps_devices_and_records_failures(ray_sessi
     for r in rows.values():
         assert r.status == "TERMINATED" and r.metrics["epoch"] == 2, (r.status, r.error)
         assert 0.0 <= r.metrics["test_accuracy"] <= 1.0 and r.metrics["device_s"] > 0  # accounted at the actor
+        assert 0.0 <= r.metrics["best_val_accuracy"] <= 1.0 and r.metrics["selected_epoch"] in (1, 2)
     assert outcome.leaderboard()[-1].status == "ERROR"
     assert find_device("osc") is None  # devices the sweep started are stopped at its end
 
@@ -76,7 +78,7 @@ def test_mixed_sweep_logs_everything_caps_devices_and_records_failures(ray_sessi
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["physfarm.best_trial"] == outcome.leaderboard()[0].trial_id
-    assert parent.data.params["sweep.metric"] == "test_accuracy" and "best_test_accuracy" in parent.data.metrics
+    assert parent.data.params["sweep.metric"] == "val_accuracy" and "best_val_accuracy" in parent.data.metrics
     assert {"sweep_config.yaml", "device_pool.yaml", "leaderboard.json"} <= _artifacts(client, parent.info.run_id)
 
     assert len(children) == 4
@@ -90,13 +92,14 @@ def test_mixed_sweep_logs_everything_caps_devices_and_records_failures(ray_sessi
     for key in (("pat", "osc"), ("phyll", "osc2")):
         run = runs[key]
         assert run.info.status == "FINISHED"
-        history = client.get_metric_history(run.info.run_id, "test_accuracy")
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
         assert [m.step for m in history] == [1, 2]
-        assert run.data.metrics["test_accuracy"] == history[-1].value
+        # test is measured once, after the last epoch, on the checkpoint chosen by validation
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [2]
         device_s = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "device_s"),
                                             key=lambda m: m.step)]
         assert 0 < device_s[0] < device_s[1]  # cumulative device seconds per epoch
-        assert {"loss", "train_accuracy", "device_s", "queue_wait_s", "device_calls"} <= set(run.data.metrics)
+        assert {"loss", "train_accuracy", "val_loss", "device_s", "queue_wait_s", "device_calls"} <= set(run.data.metrics)
         assert {"config.yaml", "model", "plots", "eval"} <= _artifacts(client, run.info.run_id)
         assert "model/params.npz" in _artifacts(client, run.info.run_id, "model")
         assert _artifacts(client, run.info.run_id, "plots") == {"plots/learning_curve.png",

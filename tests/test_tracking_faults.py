@@ -89,7 +89,7 @@ def _epoch_points(db: Path) -> int:
     try:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
         try:
-            return con.execute("select count(*) from metrics where key = 'test_accuracy'").fetchone()[0]
+            return con.execute("select count(*) from metrics where key = 'val_accuracy'").fetchone()[0]
         finally:
             con.close()
     except sqlite3.Error:
@@ -101,7 +101,8 @@ def test_server_killed_mid_sweep_and_restarted_loses_nothing(server, tmp_path):
     raw = {
         "devices": [{"name": "osc", "system": {"kind": "oscillators", "n": 16}}],
         "data": {"kind": "digits", "limit": 200},
-        "train": {"method": "pat", "epochs": epochs, "batch_size": 32, "seed": {"grid": list(range(trials))}},
+        "train": {"method": "pat", "epochs": epochs, "batch_size": 32, "seed": {"grid": list(range(trials))},
+                  "encoder": {"kind": "downsample", "size": [4, 4]}},
         "sweep": {"name": "down", "trial_cpus": 1, "max_concurrent_trials": 1,
                   "storage_path": str(tmp_path / "ray_results")},
         # The restart may take a while on a loaded machine: the sweep's end waits for it (then replays).
@@ -144,7 +145,7 @@ def test_server_killed_mid_sweep_and_restarted_loses_nothing(server, tmp_path):
     assert len(children) == trials and len(runs) == trials + 1  # no run lost or duplicated
     for run in children:
         assert run.info.status == "FINISHED"
-        history = client.get_metric_history(run.info.run_id, "test_accuracy")
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
         assert sorted(m.step for m in history) == list(range(1, epochs + 1)), history  # each epoch once
         assert {"config.yaml", "model", "plots", "eval"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     assert parents[0].data.tags.get("physfarm.best_run") in {c.info.run_id for c in children}
@@ -163,7 +164,8 @@ def test_report_replays_a_journal_left_by_a_sweep(server, tmp_path, capsys, monk
                     tags={"physfarm.kind": "sweep", "physfarm.sweep": "left"})
     child = j.call("create_run", experiment_id=exp, run_name="left/t1",
                    tags={PARENT_TAG: parent, "physfarm.trial_id": "t1", "physfarm.kind": "trial"})
-    j.call("log_batch", run=child, metrics=[["test_accuracy", 0.5, 1000, 1]], params=[["train.lr", "0.1"]])
+    j.call("log_batch", run=child, metrics=[["val_accuracy", 0.5, 1000, 1], ["test_accuracy", 0.4, 1000, 1]],
+           params=[["train.lr", "0.1"]])
     j.call("set_terminated", run=child, status="FINISHED")
     j.call("set_terminated", run=parent, status="FINISHED")
     assert j.pending == 5
@@ -176,6 +178,6 @@ def test_report_replays_a_journal_left_by_a_sweep(server, tmp_path, capsys, monk
     captured = capsys.readouterr()
     board = json.loads(captured.out)
     assert board["sweep"] == "left" and board["status"] == "FINISHED"
-    assert [t["trial_id"] for t in board["trials"]] == ["t1"] and board["trials"][0]["metrics"]["test_accuracy"] == 0.5
+    assert [t["trial_id"] for t in board["trials"]] == ["t1"] and board["trials"][0]["metrics"]["test_accuracy"] == 0.4
     assert "replayed 5" in captured.err
     assert not (folder / JOURNAL).exists()

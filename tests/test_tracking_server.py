@@ -35,7 +35,8 @@ def stop(proc: subprocess.Popen) -> None:
 SMALL = {
     "devices": [{"name": "osc", "system": {"kind": "oscillators", "n": 16}}],
     "data": {"kind": "digits", "limit": 200},
-    "train": {"method": "pat", "epochs": 1, "batch_size": 32, "lr": {"grid": [0.01, 0.05]}},
+    "train": {"method": "pat", "epochs": 1, "batch_size": 32, "lr": {"grid": [0.01, 0.05]},
+              "encoder": {"kind": "downsample", "size": [4, 4]}},
     "sweep": {"name": "srv", "trial_cpus": 1},
     "tracking": {"experiment": "srv"},
 }
@@ -113,7 +114,7 @@ def test_sweep_against_a_tracking_server(ray_session, server, tmp_path, capsys):
     assert [p.info.run_id for p in parent] == [outcome.parent_run_id] and parent[0].info.status == "FINISHED"
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
     for run in children:
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [1]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1]
         # artifacts went through the server (proxied), not to a local path
         assert {"config.yaml", "model", "plots", "eval"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
         assert run.info.artifact_uri.startswith("mlflow-artifacts:")

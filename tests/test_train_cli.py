@@ -14,7 +14,7 @@ from trainers.registry import METHODS
 def _write(tmp_path, train: dict, uri: str):
     raw = {"devices": [{"name": "osc", "system": {"kind": "oscillators", "n": 16}}],
            "data": {"kind": "digits", "limit": 200},
-           "train": {"epochs": 2, "batch_size": 32, **train},
+           "train": {"epochs": 2, "batch_size": 32, "encoder": {"kind": "downsample", "size": [4, 4]}, **train},
            "sweep": {"name": "one"},
            "tracking": {"uri": uri, "experiment": "train"}}
     path = tmp_path / "c.yaml"
@@ -43,7 +43,7 @@ def test_train_runs_once_with_progress_and_logs_one_run(tmp_path, sqlite_uri, ca
     assert any(ln.startswith("physfarm train: train.lr: grid -> 0.02") for ln in lines)
     bars = [ln for ln in lines if ln.startswith("[")]  # stderr is not a terminal: a line per epoch
     assert [b.split("]")[1].split()[:2] for b in bars] == [["epoch", "1/2"], ["epoch", "2/2"]]
-    assert "loss" in bars[-1] and "test" in bars[-1] and "device_s" in bars[-1]
+    assert "loss" in bars[-1] and "val" in bars[-1] and "device_s" in bars[-1]
     assert f"Trained {first} on device 'osc'" in out
 
     client = MlflowClient(sqlite_uri)
@@ -57,7 +57,8 @@ def test_train_runs_once_with_progress_and_logs_one_run(tmp_path, sqlite_uri, ca
     assert params["train.device"] == "osc" and params["data.kind"] == "digits"
     if first == "phyll":  # its section merged in, pat's left out
         assert params["train.n_blocks"] == "1" and "train.n_layers" not in params
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [2]  # once, at the end
     assert {"loss", "device_s", "queue_wait_s"} <= set(run.data.metrics)
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "model", "plots", "eval"} <= arts

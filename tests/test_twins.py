@@ -10,6 +10,9 @@ from trainers.config import PATConfig, TwinConfig
 from trainers.pat import train_pat
 from trainers.twins import build_twin, collect, obtain_twin, sample_thetas, twin_error
 
+# 16-oscillator devices see the 8x8 digits pooled to 4x4
+DOWN = {"kind": "downsample", "size": [4, 4]}
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -93,7 +96,7 @@ def test_cache_reuses_the_twin_without_measuring_again(tmp_path):
 
     # through the trainer: the second training's device calls are its training and evaluation only
     data = load_dataset(DataConfig(kind="digits", limit=100))
-    pat = PATConfig(epochs=1, batch_size=50, twin=cfg)
+    pat = PATConfig(epochs=1, batch_size=50, twin=cfg, encoder=DOWN)
     r1 = train_pat(pat, Oscillators(n=16, seed=1), data)
     dev2 = Oscillators(n=16, seed=1)
     r2 = train_pat(pat.model_copy(update={"seed": 1}), dev2, data)
@@ -124,7 +127,7 @@ def _refresh_run(shift: float):
         if metrics["epoch"] == 2:
             device.shift = shift  # the device drifts after epoch 2
 
-    cfg = PATConfig(epochs=4, batch_size=32, lr=0.02, twin=twin)
+    cfg = PATConfig(epochs=4, batch_size=32, lr=0.02, twin=twin, encoder=DOWN)
     return train_pat(cfg, device, data, report=report)
 
 
@@ -138,12 +141,12 @@ def test_refresh_triggers_under_drift_and_not_without():
     assert h[2]["device_calls"] > steady.history[2]["device_calls"]  # the refit measured fresh data
     assert all(m["twin_refreshed"] == 0 for m in steady.history)
     assert steady.history[-1]["twin_refreshes"] == 0
-    assert drifting.state["twin"]["info"]["refreshes"] == 1  # the refreshed twin is what is saved
+    assert drifting.state["twins"][0]["twin"]["info"]["refreshes"] == 1  # the refreshed twin is what is saved
 
 
 def test_scheduled_refresh_every_k_epochs():
     device = Oscillators(n=16, seed=0)
     data = load_dataset(DataConfig(kind="digits", limit=100))
     twin = TwinConfig(kind="calibrated", samples=128, thetas=4, steps=10, cache=False, refresh_every=2)
-    r = train_pat(PATConfig(epochs=4, batch_size=50, twin=twin), device, data)
+    r = train_pat(PATConfig(epochs=4, batch_size=50, twin=twin, encoder=DOWN), device, data)
     assert [m["twin_refreshed"] for m in r.history] == [0, 1, 0, 1]

@@ -58,7 +58,8 @@ def test_pat_trains_on_the_user_device():
     data = load_dataset(DataConfig(kind="digits", limit=120))
     device = build_system({"kind": KIND, "seed": 1})
     reports = []
-    result = train_pat(PATConfig(epochs=2, batch_size=32, lr=0.05), device, data,
+    result = train_pat(PATConfig(epochs=2, batch_size=32, lr=0.05, encoder={"kind": "downsample", "size": [2, 4]}),
+                       device, data,
                        report=lambda metrics, state: reports.append(metrics))
     assert result.epochs == 2 and len(reports) == 2
     assert all(np.isfinite(m["loss"]) for m in reports) and reports[-1]["device_calls"] > 0

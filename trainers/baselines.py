@@ -7,12 +7,14 @@
 """
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
 
 from .config import DigitalConfig
-from .pat import make_optimizer, restore, train_insilico
+from .pat import make_optimizer, restore, result_of, train_insilico
+from .selection import Selection, evaluate, final_pass
 from .types import Dataset, Report, TrainResult
 
 __all__ = ["train_digital", "train_insilico", "pnn_param_count", "digital_hidden"]
@@ -52,11 +54,6 @@ class MLP(torch.nn.Module):
         return self.net(x)
 
 
-@torch.no_grad()
-def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((model(x).argmax(1) == y).float().mean()) if len(y) else 0.0
-
-
 def train_digital(config: DigitalConfig, device, data: Dataset, report: Report | None = None,
                   state: dict | None = None, twin: torch.nn.Module | None = None) -> TrainResult:
     """Train a digital MLP on `data`. `device` (may be None) only sizes the MLP like a PNN on it when
@@ -78,6 +75,8 @@ def train_digital(config: DigitalConfig, device, data: Dataset, report: Report |
         for group in opt.param_groups:
             group["weight_decay"] = config.weight_decay
     history, start_epoch = restore(state, model, opt, gen)
+    selection = Selection((state or {}).get("selection"))
+    resolved = config.model_dump(mode="json")
     loss_fn = torch.nn.CrossEntropyLoss()
     n = data.x_train.shape[0]
     for epoch in range(start_epoch + 1, config.epochs + 1):
@@ -95,16 +94,24 @@ def train_digital(config: DigitalConfig, device, data: Dataset, report: Report |
             total_loss += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == data.y_train[idx]).sum())
         model.eval()
+        val_acc, val_loss = evaluate(model, data.x_val, data.y_val, max(1, len(data.y_val)))
+        selection.offer(epoch, val_acc, val_loss, model.state_dict())
         metrics = {"epoch": epoch, "loss": total_loss / n, "train_accuracy": correct / n,
-                   "test_accuracy": _accuracy(model, data.x_test, data.y_test),
+                   "val_accuracy": val_acc, "val_loss": val_loss, **selection.metrics(),
                    "epoch_s": time.monotonic() - t0, "device_calls": 0, "device_rows": 0,
-                   "n_weights": n_weights, "hidden": hidden}
+                   "n_weights": n_weights, "hidden": hidden,
+                   "n_physical_params": 0, "n_digital_params": n_weights}
+        final: dict = {}
+        weights = copy.deepcopy(model.state_dict())  # this epoch's: what a resume continues from
+        if epoch == config.epochs:  # the one pass over the test split, on the selected weights
+            final = final_pass(selection, model.load_state_dict,
+                               lambda: model(data.x_test).argmax(dim=1), data.y_test)
+            metrics.update({k: v for k, v in final.items() if k != "test_predictions"})
         history.append(metrics)
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                 "history": history, "epoch": epoch}
+        state = {"model": weights, "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                 "history": history, "epoch": epoch, "selection": selection.state(), "config": resolved}
+        if final:
+            state["test_predictions"] = final["test_predictions"]
         if report is not None:
             report(dict(metrics), state)
-    last = history[-1] if history else {"test_accuracy": 0.0, "train_accuracy": 0.0}
-    params = {k.replace(".", "_"): v.detach().numpy().copy() for k, v in model.named_parameters()}
-    return TrainResult(test_accuracy=last["test_accuracy"], train_accuracy=last["train_accuracy"],
-                       epochs=len(history), history=history, params=params, state=state)
+    return result_of(history, selection, state or {}, model)

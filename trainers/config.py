@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .encoders import EncoderConfig
+
 
 class TrainerConfig(BaseModel):
     """Fields every training method shares."""
@@ -99,11 +101,37 @@ class TwinConfig(BaseModel):
         return self.kind != "ideal"
 
 
+class LayerConfig(BaseModel):
+    """One physical layer of a PNN (`train.layers[i]`), where layers differ (devices, initialisation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str | None = Field(default=None, description="the pool device this layer runs on (default: "
+                               "train.device)")
+    theta_init_scale: float | None = Field(default=None, ge=0.0, le=1.0,
+                                           description="default: train.theta_init_scale")
+    connect: Literal["tile", "pad"] = Field(
+        default="tile", description="how the previous layer's outputs meet this layer's inputs when this "
+        "layer has more: repeated cyclically, or padded with zeros (e.g. the PAT authors' 10 'class "
+        "oscillators' starting at rest); never cut: more outputs than inputs is refused")
+
+
 class PATConfig(TrainerConfig):
     """Physics-aware training of a PNN: physical layers with element-wise affine rescaling between."""
 
     method: Literal["pat"] = "pat"
     n_layers: int = Field(default=1, ge=1, le=16, description="physical layers in series")
+    layers: list[LayerConfig] | None = Field(
+        default=None, min_length=1, max_length=16,
+        description="one entry per physical layer (device, theta_init_scale, connect); sets n_layers")
+    encoder: EncoderConfig | None = Field(
+        default=None, description="how the data meet the first layer: tile, pad, downsample, patches, linear "
+        "(default: tile where the features fit the device's inputs; more features are refused)")
+    readout: Literal["first", "last"] | list[int] = Field(
+        default="first", description="which outputs of the last physical layer are read for the classes: "
+        "the first or last n_classes, or a list of n_classes output indices")
+    augment: Literal["none", "hflip"] = Field(default="none", description="training augmentation: hflip "
+                                             "mirrors half of each batch's images left-right (images only)")
     theta_init_scale: float = Field(default=0.1, ge=0.0, le=1.0,
                                     description="theta starts uniform in this fraction of the envelope")
     readout_scale: float = Field(default=5.0, gt=0.0, description="initial gain of the readout rescaling")
@@ -125,7 +153,32 @@ class PATConfig(TrainerConfig):
         lo, hi = self.input_window
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"input_window must be (low, high) with 0 <= low < high <= 1, got ({lo}, {hi})")
+        if self.layers is not None:
+            if "n_layers" in self.model_fields_set and self.n_layers != len(self.layers):
+                raise ValueError(f"n_layers ({self.n_layers}) differs from the {len(self.layers)} entries of "
+                                 f"layers; drop n_layers (layers sets it)")
+            self.n_layers = len(self.layers)
+            if self.device is None:
+                self.device = self.layers[0].device
+        if isinstance(self.readout, list):
+            if len(set(self.readout)) != len(self.readout) or min(self.readout, default=0) < 0:
+                raise ValueError(f"readout: a list of distinct output indices >= 0, got {self.readout}")
         return self
+
+    def layer_devices(self) -> list[str | None]:
+        """The device name of each physical layer."""
+        if self.layers is None:
+            return [self.device] * self.n_layers
+        return [layer.device or self.device for layer in self.layers]
+
+    def layer_init_scales(self) -> list[float]:
+        if self.layers is None:
+            return [self.theta_init_scale] * self.n_layers
+        return [self.theta_init_scale if lc.theta_init_scale is None else lc.theta_init_scale
+                for lc in self.layers]
+
+    def layer_connects(self) -> list[str]:
+        return ["tile"] * self.n_layers if self.layers is None else [lc.connect for lc in self.layers]
 
 
 class InSilicoConfig(PATConfig):

@@ -37,54 +37,112 @@ def channel_spread(h: torch.Tensor, rel_floor: float = 0.01) -> torch.Tensor:
     return torch.where(std < rel_floor * typical, typical, std)
 
 
+def _per_layer(value, n: int, what: str) -> list:
+    """One value for every layer (a scalar or a list of n)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{what}: {len(value)} values for {n} layers")
+        return list(value)
+    return [value] * n
+
+
+def readout_indices(readout, n_outputs: int, n_classes: int, device: str) -> list[int]:
+    """The outputs of the last physical layer read for the classes (`PATConfig.readout`)."""
+    if n_classes > n_outputs:
+        raise ValueError(
+            f"the device '{device}' gives {n_outputs} outputs but the data set has {n_classes} classes; a PNN "
+            f"reads one output per class: use a device with n_outputs >= {n_classes}")
+    if readout == "first":
+        return list(range(n_classes))
+    if readout == "last":
+        return list(range(n_outputs - n_classes, n_outputs))
+    idx = list(readout)
+    if len(idx) != n_classes or max(idx) >= n_outputs:
+        raise ValueError(f"readout: {n_classes} distinct indices below {n_outputs} needed (one per class, "
+                         f"outputs of device '{device}'), got {idx}")
+    return idx
+
+
+def connect(h: torch.Tensor, n: int, how: str, where: str) -> torch.Tensor:
+    """Outputs h[B, k] of one layer onto the n inputs of the next: never cut, filled by tiling or zeros."""
+    k = h.shape[1]
+    if k > n:
+        raise ValueError(f"{where}: {k} outputs of the previous layer do not fit its {n} inputs; use a device "
+                         f"with n_inputs >= {k} (or hybrid: true, a digital layer between)")
+    if k == n:
+        return h
+    return tile_to(h, n) if how == "tile" else torch.nn.functional.pad(h, (0, n - k))
+
+
 class PNN(torch.nn.Module):
     """Physical layers with only element-wise affine digital rescaling between them, read out from
-    the first n_classes physical outputs of the last layer (the physics must do the work).
+    n_classes physical outputs of the last layer (the physics must do the work).
 
-    x[B, n_features] in [0, 1] -> tile to n_inputs -> affine -> layer -> ... -> y[:, :n_classes]
-    -> affine -> logits[B, n_classes].
+    x[B, F] in [0, 1] -> encoder -> u[B * copies, n_inputs] -> affine -> layer 0 -> [B, copies * n_outputs]
+    -> connect (tile or zero-pad) -> affine -> layer 1 -> ... -> outputs[:, readout] -> affine -> logits.
+
+    `device` and `twin` are one per layer (a list) or one for all layers. The encoder (default tile,
+    `trainers.encoders`) never drops features; `patches` feeds parallel copies of layer 0 that share
+    its theta.
 
     hybrid=True: between physical layers, a digital linear layer (outputs of one layer -> inputs of
-    the next; it starts as the tiling, so the network starts as the PNN) replaces the tiling; a
+    the next; it starts as the tiling, so the network starts as the PNN) replaces the connection; a
     hybrid physical-digital network (not a "PNN" in TARGETS.md's sense).
     """
 
     def __init__(self, device, twin, n_features: int, n_classes: int, n_layers: int = 1,
-                 theta_init_scale: float = 0.1, readout_scale: float = 5.0,
+                 theta_init_scale: float | list[float] = 0.1, readout_scale: float = 5.0,
                  generator: torch.Generator | None = None, hybrid: bool = False,
-                 input_window: tuple[float, float] = (0.0, 1.0)):
+                 input_window: tuple[float, float] = (0.0, 1.0), image_shape=None, encoder=None,
+                 connects: list[str] | None = None, readout="first"):
         super().__init__()
-        spec = device.spec
-        if n_classes > spec.n_outputs:
-            raise ValueError(
-                f"the device '{spec.name}' has {spec.n_outputs} outputs but the data set has {n_classes} "
-                f"classes; a PNN reads one output per class: use a device with n_outputs >= {n_classes}"
-            )
-        lo, hi = spec.input_range
+        from .encoders import build_encoder
+
+        devices = _per_layer(device, n_layers, "devices")
+        twins = _per_layer(twin, n_layers, "twins")
+        scales = _per_layer(theta_init_scale, n_layers, "theta_init_scale")
+        self.connects = _per_layer(connects or "tile", n_layers, "connect")
+        specs = [d.spec for d in devices]
+        self.encoder = build_encoder(encoder, n_features, specs[0].n_inputs, image_shape, specs[0].name)
         self.hybrid = hybrid
         self.rescale = torch.nn.ModuleList()
         self.layers = torch.nn.ModuleList()
         self.mixers = torch.nn.ModuleList()
         self.readout_scale = readout_scale
+        lo, hi = specs[0].input_range
         w_lo, w_hi = lo + (hi - lo) * input_window[0], lo + (hi - lo) * input_window[1]
-        for i in range(n_layers):
+        width = None  # outputs per sample of the previous layer
+        for i, (dev, tw, spec) in enumerate(zip(devices, twins, specs)):
+            if i > 0 and not hybrid and width > spec.n_inputs:
+                connect(torch.zeros(1, width), spec.n_inputs, self.connects[i], f"layer {i} ('{spec.name}')")
             # First layer: features in [0, 1] span `input_window` of the input range (default all of
             # it); later ones start as identity.
             scale, bias = ((w_hi - w_lo), w_lo) if i == 0 else (1.0, 0.0)
             if hybrid and i > 0:
-                self.mixers.append(TiledLinear(spec.n_outputs, spec.n_inputs))
+                self.mixers.append(TiledLinear(width, spec.n_inputs))
             self.rescale.append(ElementwiseAffine(spec.n_inputs, scale, bias))
-            self.layers.append(PhysicalLayer(device, twin, theta_init_scale, generator))
+            self.layers.append(PhysicalLayer(dev, tw, scales[i], generator))
+            width = spec.n_outputs * (self.encoder.copies if i == 0 else 1)
+        self.readout_index = readout_indices(readout, width, n_classes, specs[-1].name)
         self.readout = ElementwiseAffine(n_classes, scale=readout_scale)
         self.n_classes = n_classes
 
+    def _inputs(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """The inputs of layer i (before its rescaling): the encoded data, or the previous outputs."""
+        if i == 0:
+            return self.encoder(h)
+        if self.hybrid:
+            return self.mixers[i - 1](h)
+        return connect(h, self.layers[i].spec.n_inputs, self.connects[i], f"layer {i}")
+
+    def _outputs(self, i: int, y: torch.Tensor, batch: int) -> torch.Tensor:
+        return y.reshape(batch, -1) if i == 0 else y  # patches: the copies' outputs side by side
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x
+        h, batch = x, x.shape[0]
         for i, (rescale, layer) in enumerate(zip(self.rescale, self.layers)):
-            n = layer.spec.n_inputs
-            h = self.mixers[i - 1](h) if (self.hybrid and i > 0) else tile_to(h, n)
-            h = layer(rescale(h))
-        return self.readout(h[:, : self.n_classes])
+            h = self._outputs(i, layer(rescale(self._inputs(i, h))), batch)
+        return self.readout(h[:, self.readout_index])
 
     @torch.no_grad()
     def data_init(self, x: torch.Tensor, spread: float = 2.0) -> None:
@@ -92,17 +150,16 @@ class PNN(torch.nn.Module):
         layer's inputs map mean +- `spread` std of the previous layer's outputs onto the input range,
         and the readout standardises the class outputs (times `readout_scale`). Costs one device
         call per layer."""
-        h = x
+        h, batch = x, x.shape[0]
         for i, (rescale, layer) in enumerate(zip(self.rescale, self.layers)):
-            n = layer.spec.n_inputs
-            h = self.mixers[i - 1](h) if (self.hybrid and i > 0) else tile_to(h, n)
+            h = self._inputs(i, h)
             if i > 0:
                 lo, hi = layer.spec.input_range
                 mean, std = h.mean(0), channel_spread(h)
                 rescale.scale.copy_((hi - lo) / (2 * spread * std))
                 rescale.bias.copy_((lo + hi) / 2 - rescale.scale * mean)
-            h = layer(rescale(h))
-        out = h[:, : self.n_classes]
+            h = self._outputs(i, layer(rescale(h)), batch)
+        out = h[:, self.readout_index]
         mean, std = out.mean(0), channel_spread(out)
         self.readout.scale.copy_(self.readout_scale / std)
         self.readout.bias.copy_(-self.readout.scale * mean)
@@ -111,13 +168,17 @@ class PNN(torch.nn.Module):
         for layer in self.layers:
             layer.project()
 
-    def set_device(self, device) -> None:
-        for layer in self.layers:
-            layer.set_device(device)
+    def devices(self) -> list:
+        return [layer.device for layer in self.layers]
 
-    def set_twin(self, twin: torch.nn.Module) -> None:
-        for layer in self.layers:
-            layer.set_twin(twin)
+    def set_device(self, device) -> None:
+        """One device for every layer, or a list of one per layer."""
+        for layer, d in zip(self.layers, _per_layer(device, len(self.layers), "devices")):
+            layer.set_device(d)
+
+    def set_twin(self, twin) -> None:
+        for layer, t in zip(self.layers, _per_layer(twin, len(self.layers), "twins")):
+            layer.set_twin(t)
 
     def record(self, on: bool = True) -> None:
         for layer in self.layers:
@@ -127,3 +188,10 @@ class PNN(torch.nn.Module):
 
     def physical_params(self) -> dict[str, torch.Tensor]:
         return {f"theta_{i}": layer.theta.detach().clone() for i, layer in enumerate(self.layers)}
+
+    def param_counts(self) -> dict[str, int]:
+        """Trainable parameters: physical (theta of every layer) and digital (rescalings, readout,
+        encoder, hybrid mixers)."""
+        physical = sum(layer.theta.numel() for layer in self.layers)
+        total = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"n_physical_params": physical, "n_digital_params": total - physical}

@@ -9,12 +9,14 @@ import copy
 import math
 import time
 from collections import deque
+from collections.abc import Mapping
 
 import torch
 
 from .config import InSilicoConfig, PATConfig
 from .metering import MeteredDevice
 from .networks import PNN
+from .selection import Selection, evaluate, final_pass, predict_labels
 from .twins import Twin, nrmse, obtain_twin, refit, twin_from_state, twin_state
 from .types import Dataset, Report, TrainResult
 
@@ -37,16 +39,6 @@ def restore(state: dict | None, model: torch.nn.Module, opt: torch.optim.Optimiz
     opt.load_state_dict(state["optimizer"])
     gen.set_state(state["generator"])
     return list(state["history"]), int(state["epoch"])
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    """Accuracy of `model` on (x, y), the forward passes measured on the device."""
-    correct = 0
-    for i in range(0, x.shape[0], batch_size):
-        logits = model(x[i : i + batch_size])
-        correct += int((logits.argmax(dim=1) == y[i : i + batch_size]).sum())
-    return correct / max(1, x.shape[0])
 
 
 def epoch_lr(config, epoch: int) -> float:
@@ -79,8 +71,9 @@ class TwinKeeper:
     against the device during training and refits it on drift or on schedule."""
 
     def __init__(self, config: PATConfig, device: MeteredDevice, given: torch.nn.Module | None,
-                 saved: dict | None):
+                 saved: dict | None, init_width: float | None = None):
         self.cfg = config.twin
+        self.layers: list = []
         self.device = device
         spec = device.spec
         self.refreshes = 0
@@ -96,7 +89,7 @@ class TwinKeeper:
         else:
             lo, hi = spec.param_range
             centre = torch.full((spec.n_params,), (lo + hi) / 2)
-            width = max(config.theta_init_scale, self.cfg.focus_width)
+            width = max(config.theta_init_scale if init_width is None else init_width, self.cfg.focus_width)
             extra = {"init_width": width} if self.cfg.focus > 0 else None
             got = obtain_twin(device, self.cfg, centres=[centre], width=width, extra_key=extra)
             self.twin, self.calls = got.twin, got.calls
@@ -114,12 +107,15 @@ class TwinKeeper:
         info = getattr(self.twin, "info", {}) or {}
         return info.get("error")
 
-    def start_epoch(self, model: PNN) -> None:
-        self.records = [deque(maxlen=PROBE_BATCHES) for _ in model.layers]
-        model.record(True)
+    def start_epoch(self, layers: list) -> None:
+        """Start probing the twin on `layers` (the physical layers on this keeper's device)."""
+        self.layers = layers
+        self.records = [deque(maxlen=PROBE_BATCHES) for _ in layers]
+        for layer in layers:
+            layer.record = True
 
-    def after_step(self, model: PNN) -> None:
-        for rec, layer in zip(self.records, model.layers):
+    def after_step(self) -> None:
+        for rec, layer in zip(self.records, self.layers):
             if layer.last is not None:
                 rec.append(layer.last)
 
@@ -135,7 +131,7 @@ class TwinKeeper:
             errors.append(nrmse(pred, meas))
         return sum(errors) / len(errors) if errors else None
 
-    def maybe_refresh(self, epoch: int, probe: float | None, model: PNN) -> bool:
+    def maybe_refresh(self, epoch: int, probe: float | None) -> bool:
         """Refit if the schedule says so or the probe error grew past the thresholds."""
         if self.ref_probe is None and probe is not None:
             self.ref_probe = probe
@@ -150,7 +146,7 @@ class TwinKeeper:
             due = True
         if not (due and self.refittable):
             return False
-        centres = [layer.theta.detach().clone() for layer in model.layers]
+        centres = [layer.theta.detach().clone() for layer in self.layers]
         inputs = [x for rec in self.records for x, _, _ in rec]
         got = refit(self.twin, self.device, self.cfg, self.gen, centres,
                     torch.cat(inputs) if inputs else None)
@@ -174,44 +170,142 @@ class TwinKeeper:
                                 "generator": self.gen.get_state()}}
 
 
+def layer_devices(config: PATConfig, device) -> list:
+    """The device of each physical layer: `device` is one device for every layer, or a mapping
+    {name: device} for layers that name theirs (`PATConfig.layers`)."""
+    names = config.layer_devices()
+    if isinstance(device, Mapping):
+        missing = [n for n in names if n not in device]
+        if missing:
+            raise ValueError(f"no device given for layer device(s) {missing}; got {sorted(device)}")
+        return [device[n] for n in names]
+    return [device] * len(names)
+
+
+def hflip(x: torch.Tensor, image_shape, gen: torch.Generator) -> torch.Tensor:
+    """Mirror a random half of the images in x[B, H*W] left-right (training augmentation)."""
+    if image_shape is None:
+        raise ValueError("augment: hflip needs images; this data set has no image shape")
+    h, w = image_shape
+    flip = torch.rand(x.shape[0], generator=gen) < 0.5
+    img = x.reshape(-1, h, w)
+    return torch.where(flip[:, None, None], img.flip(2), img).reshape(x.shape)
+
+
+class PATRun:
+    """Everything one PAT (or in-silico) training holds: the devices (metered), one twin keeper per
+    distinct device, and the network. Built once, before the first epoch."""
+
+    def __init__(self, config: PATConfig, device, data: Dataset, state: dict | None,
+                 twin: torch.nn.Module | None, gen: torch.Generator):
+        raw = layer_devices(config, device)
+        self.distinct: list = []  # the distinct raw devices, in layer order
+        for d in raw:
+            if not any(d is seen for seen in self.distinct):
+                self.distinct.append(d)
+        self.metered = [MeteredDevice(d) for d in self.distinct]
+        index = [next(i for i, seen in enumerate(self.distinct) if d is seen) for d in raw]
+        scales = config.layer_init_scales()
+        saved = (state or {}).get("twins") or [None] * len(self.distinct)
+        self.keepers = []
+        for k, m in enumerate(self.metered):
+            width = max(s for s, i in zip(scales, index) if i == k)
+            self.keepers.append(TwinKeeper(config, m, twin, saved[k], init_width=width))
+        self.index = index  # layer -> distinct device
+        self.twin_fit_calls = sum(m.calls for m in self.metered)  # twin measurements before epoch 1
+        self.model = PNN([self.metered[i] for i in index], [self.keepers[i].twin for i in index],
+                         data.n_features, data.n_classes, n_layers=config.n_layers, theta_init_scale=scales,
+                         readout_scale=config.readout_scale, generator=gen, hybrid=config.hybrid,
+                         input_window=config.input_window, image_shape=data.image_shape,
+                         encoder=config.encoder, connects=config.layer_connects(), readout=config.readout)
+        self.sims = [TwinDevice(k.twin, m.spec) for k, m in zip(self.keepers, self.metered)]
+
+    def on_device(self) -> None:
+        self.model.set_device([self.metered[i] for i in self.index])
+
+    def on_twin(self) -> None:
+        """In-silico: every layer measures its twin instead of its device."""
+        self.model.set_device([self.sims[i] for i in self.index])
+
+    def calls(self) -> int:
+        return sum(m.calls for m in self.metered)
+
+    def rows(self) -> int:
+        return sum(m.rows for m in self.metered)
+
+    def start_epoch(self) -> None:
+        for k, keeper in enumerate(self.keepers):
+            keeper.start_epoch([layer for layer, i in zip(self.model.layers, self.index) if i == k])
+
+    def after_step(self) -> None:
+        for keeper in self.keepers:
+            keeper.after_step()
+
+    def end_epoch(self, epoch: int) -> dict:
+        """Probe each twin on the epoch's last minibatches, refit where due; the metrics of that."""
+        self.model.record(False)
+        probes, refreshed = [], 0
+        for keeper in self.keepers:
+            probe = keeper.probe()
+            refreshed += int(keeper.maybe_refresh(epoch, probe))
+            if probe is not None:
+                probes.append(probe)
+        out: dict = {"twin_refreshed": refreshed}
+        if probes:
+            out["twin_probe_error"] = sum(probes) / len(probes)
+        return out
+
+    def twin_metrics(self) -> dict:
+        parts = [k.metrics() for k in self.keepers]
+        out = {"twin_refreshes": sum(p["twin_refreshes"] for p in parts),
+               "twin_calls": sum(p["twin_calls"] for p in parts)}
+        errors = [p["twin_error"] for p in parts if "twin_error" in p]
+        if errors:
+            out["twin_error"] = float(sum(errors) / len(errors))
+        return out
+
+    def twin_states(self) -> dict:
+        return {"twins": [k.state() for k in self.keepers]}
+
+
 def _train(config: PATConfig, device, data: Dataset, report: Report | None, state: dict | None,
            twin: torch.nn.Module | None, insilico: bool) -> TrainResult:
     torch.set_num_threads(config.torch_threads)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    metered = MeteredDevice(device)
-    calls_before_twin = metered.calls
-    keeper = TwinKeeper(config, metered, twin, state)
-    first_calls = metered.calls - calls_before_twin  # twin measurements before the first epoch
-    model = PNN(metered, keeper.twin, data.n_features, data.n_classes, n_layers=config.n_layers,
-                theta_init_scale=config.theta_init_scale, readout_scale=config.readout_scale,
-                generator=gen, hybrid=config.hybrid, input_window=config.input_window)
-    sim = TwinDevice(keeper.twin, metered.spec) if insilico else None
+    run = PATRun(config, device, data, state, twin, gen)
+    model = run.model
     if state is None and config.rescale_init == "data":
         # calibrate the rescalings on the first training rows, measured where the network will train
         if insilico:
-            model.set_device(sim)
+            run.on_twin()
         model.data_init(data.x_train[: max(config.batch_size, 32)])
-        model.set_device(metered)
+        run.on_device()
     opt = make_optimizer(config.optimizer, model.parameters(), config.lr)
     history, start_epoch = restore(state, model, opt, gen)
+    selection = Selection((state or {}).get("selection"))
+    counts = model.param_counts()
+    resolved = config.model_dump(mode="json")
     loss_fn = torch.nn.CrossEntropyLoss()
     n = data.x_train.shape[0]
+    final: dict = {}
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.monotonic()
-        calls0, rows0 = metered.calls, metered.rows
+        calls0, rows0 = run.calls(), run.rows()
         for group in opt.param_groups:
             group["lr"] = epoch_lr(config, epoch)
         model.train()
         if insilico:
-            model.set_device(sim)
+            run.on_twin()
         else:
-            keeper.start_epoch(model)
+            run.start_epoch()
         perm = torch.randperm(n, generator=gen)
         total_loss, correct = 0.0, 0
         for i in range(0, n, config.batch_size):
             idx = perm[i : i + config.batch_size]
             xb, yb = data.x_train[idx], data.y_train[idx]
+            if config.augment == "hflip":
+                xb = hflip(xb, data.image_shape, gen)
             logits = model(xb)
             loss = loss_fn(logits, yb)
             opt.zero_grad()
@@ -219,62 +313,95 @@ def _train(config: PATConfig, device, data: Dataset, report: Report | None, stat
             opt.step()
             model.project()  # theta never leaves the safe envelope
             if not insilico:
-                keeper.after_step(model)
+                run.after_step()
             total_loss += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
-        model.record(False)
-        extra: dict = {}
-        if not insilico:
-            probe = keeper.probe()
-            refreshed = keeper.maybe_refresh(epoch, probe, model)
-            if probe is not None:
-                extra["twin_probe_error"] = probe
-            extra["twin_refreshed"] = int(refreshed)
+        extra: dict = {} if insilico else run.end_epoch(epoch)
         model.eval()
         if insilico:
-            extra["test_accuracy_twin"] = evaluate(model, data.x_test, data.y_test, config.eval_batch_size)
-            model.set_device(metered)
-        test_acc = evaluate(model, data.x_test, data.y_test, config.eval_batch_size)
+            extra["val_accuracy_twin"] = evaluate(model, data.x_val, data.y_val, config.eval_batch_size)[0]
+            run.on_device()
+        val_acc, val_loss = evaluate(model, data.x_val, data.y_val, config.eval_batch_size)  # on the device
+        selection.offer(epoch, val_acc, val_loss, model.state_dict())
         metrics = {
             "epoch": epoch,
             "loss": total_loss / n,
             # measured on the device during training (PAT); on the twin for in-silico training
             "train_accuracy": correct / n,
-            "test_accuracy": test_acc,  # on the device
+            "val_accuracy": val_acc,  # on the device
+            "val_loss": val_loss,
+            **selection.metrics(),
             "epoch_s": time.monotonic() - t0,
             "lr": opt.param_groups[0]["lr"],
-            "device_calls": metered.calls - calls0,
-            "device_rows": metered.rows - rows0,
+            "device_calls": run.calls() - calls0,
+            "device_rows": run.rows() - rows0,
             **extra,
-            **keeper.metrics(),
+            **run.twin_metrics(),
+            **counts,
         }
-        if epoch == start_epoch + 1 and first_calls:
-            metrics["twin_fit_calls"] = first_calls
+        if epoch == start_epoch + 1 and run.twin_fit_calls and state is None:
+            metrics["twin_fit_calls"] = run.twin_fit_calls
+        weights = copy.deepcopy(model.state_dict())  # this epoch's: what a resume continues from
+        if epoch == config.epochs:  # the one pass over the test split, on the selected weights
+            final = final_pass(selection, model.load_state_dict,
+                               lambda: predict_labels(model, data.x_test, config.eval_batch_size), data.y_test)
+            metrics.update({k: v for k, v in final.items() if k != "test_predictions"})
+            # the epoch's device use includes its test pass
+            metrics.update(device_calls=run.calls() - calls0, device_rows=run.rows() - rows0)
         history.append(metrics)
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                 "history": history, "epoch": epoch, **keeper.state()}
+        state = {"model": weights, "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                 "history": history, "epoch": epoch, "selection": selection.state(), "config": resolved,
+                 **run.twin_states()}
+        if final:
+            state["test_predictions"] = final["test_predictions"]
         if report is not None:
             report(dict(metrics), state)
-    if state is None or "twin" not in state:  # nothing trained (epochs already done): still hand back
+    if state is None or "twins" not in state:  # nothing trained (epochs already done): still hand back
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                 "history": history, "epoch": start_epoch, **keeper.state()}
-    last = history[-1] if history else {"test_accuracy": 0.0, "train_accuracy": 0.0}
-    params = {k: v.numpy() for k, v in model.physical_params().items()}
-    params.update({k: v.detach().numpy().copy() for k, v in model.named_parameters() if "theta" not in k})
-    return TrainResult(test_accuracy=last["test_accuracy"], train_accuracy=last["train_accuracy"],
+                 "history": history, "epoch": start_epoch, "selection": selection.state(), "config": resolved,
+                 **run.twin_states()}
+    if history and "test_accuracy" not in history[-1] and start_epoch >= config.epochs:
+        # resumed with its epochs done but never tested (e.g. `epochs` lowered to end a long run early)
+        model.eval()
+        run.on_device()
+        final = final_pass(selection, model.load_state_dict,
+                           lambda: predict_labels(model, data.x_test, config.eval_batch_size), data.y_test)
+        history[-1].update({k: v for k, v in final.items() if k != "test_predictions"})
+        state = {**state, "history": history, "test_predictions": final["test_predictions"]}
+        if report is not None:
+            report(dict(history[-1]), state)
+    return result_of(history, selection, state, model)
+
+
+def result_of(history: list[dict], selection: Selection, state: dict, model: torch.nn.Module) -> TrainResult:
+    """The TrainResult of a finished (or already finished) training: test accuracy from its final pass."""
+    last = history[-1] if history else {}
+    if hasattr(model, "physical_params"):  # a PNN: theta_<layer>, then its digital weights
+        params = {k: v.numpy() for k, v in model.physical_params().items()}
+        params.update({k.replace(".", "_"): v.detach().numpy().copy() for k, v in model.named_parameters()
+                       if "theta" not in k})
+    else:  # everything the network holds (PhyLL's fixed theta and calibration are buffers)
+        params = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    best = selection.best or {}
+    return TrainResult(test_accuracy=float(last.get("test_accuracy", math.nan)),
+                       val_accuracy=float(best.get("val_accuracy", math.nan)),
+                       best_epoch=int(best.get("epoch", 0)), train_accuracy=float(last.get("train_accuracy", math.nan)),
                        epochs=len(history), history=history, params=params, state=state)
 
 
 def train_pat(config: PATConfig, device, data: Dataset, report: Report | None = None,
               state: dict | None = None, twin: torch.nn.Module | None = None) -> TrainResult:
-    """Train a PNN with PAT: forward passes on `device`, gradients through the twin.
+    """Train a PNN with PAT: forward passes on the device, gradients through the twin.
 
-    device: anything with the `Device` protocol; twin: a differentiable model with the device's call
-    signature (default: built from `config.twin`, the device's `ideal_model()` unless a fitted kind is
-    asked for); state: a resumable state from `report` (it holds the twin under "twin").
-    Accuracies are measured on the device. Per-epoch metrics add `twin_probe_error` (twin vs device on
-    the last training minibatches), `twin_refreshes`, `twin_calls` and, for fitted twins, `twin_error`
-    (held-out).
+    device: anything with the `Device` protocol, or a mapping {name: device} when the config's
+    `layers` name several devices; twin: a differentiable model with the device's call signature
+    (default: built from `config.twin`, the device's `ideal_model()` unless a fitted kind is asked
+    for); state: a resumable state from `report`.
+    Per epoch: `val_accuracy`/`val_loss` measured on the device, the best epoch so far
+    (`best_val_accuracy`, `best_epoch`), `twin_probe_error` (twin vs device on the last training
+    minibatches), `twin_refreshes`, `twin_calls` and, for fitted twins, `twin_error` (held-out). After
+    the last epoch the weights of the best validation epoch are measured once on the test split
+    (`test_accuracy`, `selected_epoch`; predicted labels in the state's `test_predictions`).
     """
     return _train(config, device, data, report, state, twin, insilico=False)
 
@@ -282,7 +409,8 @@ def train_pat(config: PATConfig, device, data: Dataset, report: Report | None = 
 def train_insilico(config: InSilicoConfig, device, data: Dataset, report: Report | None = None,
                    state: dict | None = None, twin: torch.nn.Module | None = None) -> TrainResult:
     """The in-silico baseline: train the same network on the twin alone (forward and backward), then
-    measure it on the device. `test_accuracy` is on the device (the simulation-reality gap shows
-    there); `test_accuracy_twin` is the same network on the twin; `train_accuracy` is on the twin.
-    The device is used only to obtain the twin (if fitted) and to evaluate."""
+    measure it on the device. `val_accuracy` and `test_accuracy` are on the device (the
+    simulation-reality gap shows there); `val_accuracy_twin` is the same network on the twin;
+    `train_accuracy` is on the twin. The device is used only to obtain the twin (if fitted), to
+    validate and for the final test pass."""
     return _train(config, device, data, report, state, twin, insilico=True)

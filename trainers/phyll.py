@@ -47,12 +47,14 @@ import time
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .config import TrainerConfig
+from .encoders import EncoderConfig, build_encoder
 from .metering import MeteredDevice
 from .networks import tile_to
-from .pat import make_optimizer
+from .pat import make_optimizer, result_of
+from .selection import Selection, final_pass
 from .types import Dataset, Report, TrainResult
 
 _EPS = 1e-8
@@ -80,6 +82,17 @@ class PhyLLConfig(TrainerConfig):
     train_eval_size: int = Field(default=256, ge=0,
                                  description="supervised: training samples whose accuracy is measured each "
                                              "epoch (on the device; 0 = none, reported as NaN)")
+    encoder: EncoderConfig | None = Field(
+        default=None, description="how the data meet the device: tile, pad or downsample (fixed maps; "
+        "PhyLL trains no encoder); default tile where the features fit, more features are refused")
+
+    @model_validator(mode="after")
+    def _encoder_kind(self) -> "PhyLLConfig":
+        if self.encoder is not None and self.encoder.kind in ("patches", "linear"):
+            raise ValueError(f"encoder: '{self.encoder.kind}' is not available to PhyLL (its blocks see one "
+                             f"device row per sample and train nothing before the device); use tile, pad "
+                             f"or downsample")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -179,13 +192,14 @@ class PhyLLBlock(torch.nn.Module):
 
 class PhyLLNet(torch.nn.Module):
     def __init__(self, spec, config: PhyLLConfig, n_features: int, n_classes: int,
-                 generator: torch.Generator):
+                 generator: torch.Generator, image_shape=None):
         super().__init__()
         if not config.unsupervised and spec.n_inputs < n_classes + 1:
             raise ValueError(
                 f"the device '{spec.name}' has {spec.n_inputs} inputs; PhyLL embeds the label in the first "
                 f"{n_classes} of them and needs at least {n_classes + 1}: use a device with more inputs"
             )
+        self.encoder = build_encoder(config.encoder, n_features, spec.n_inputs, image_shape, spec.name)
         self.spec = spec
         self.n_classes = n_classes
         self.unsupervised = config.unsupervised
@@ -208,7 +222,7 @@ class PhyLLNet(torch.nn.Module):
 
     def first_input(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Block 0's input in [0, 1] (label embedded unless unsupervised)."""
-        u = tile_to(x.clamp(0.0, 1.0), self.spec.n_inputs)
+        u = self.encoder(x.clamp(0.0, 1.0))
         return u if labels is None else embed_labels(u, labels, self.n_classes)
 
     def next_input(self, z: torch.Tensor) -> torch.Tensor:
@@ -243,14 +257,16 @@ def readout_features(zs: list[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(net: PhyLLNet, device, x: torch.Tensor, rows_per_call: int, max_rows: int = 8192) -> torch.Tensor:
-    """Predicted labels, measured on the device."""
-    preds = []
+def scores(net: PhyLLNet, device, x: torch.Tensor, rows_per_call: int, alpha: float = 1.0,
+           max_rows: int = 8192) -> torch.Tensor:
+    """Class scores [N, n_classes], measured on the device: supervised, alpha times the goodness
+    summed over blocks for each candidate label; unsupervised, the readout's logits."""
+    out = []
     if net.unsupervised:
         for i in range(0, x.shape[0], max_rows):
             zs = run_blocks(net, device, net.first_input(x[i : i + max_rows], None), rows_per_call)
-            preds.append(net.readout(readout_features(zs)).argmax(dim=1))
-        return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
+            out.append(net.readout(readout_features(zs)))
+        return torch.cat(out) if out else torch.zeros(0, net.n_classes)
     c = net.n_classes
     per = max(1, max_rows // c)
     for i in range(0, x.shape[0], per):
@@ -260,8 +276,13 @@ def predict(net: PhyLLNet, device, x: torch.Tensor, rows_per_call: int, max_rows
         u = net.first_input(xb.repeat_interleave(c, dim=0), labels)
         zs = run_blocks(net, device, u, rows_per_call)
         score = sum(goodness(z, block.r) for z, block in zip(zs, net.blocks))
-        preds.append(score.view(n, c).argmax(dim=1))
-    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64)
+        out.append(alpha * score.view(n, c))
+    return torch.cat(out) if out else torch.zeros(0, c)
+
+
+def predict(net: PhyLLNet, device, x: torch.Tensor, rows_per_call: int, max_rows: int = 8192) -> torch.Tensor:
+    """Predicted labels, measured on the device."""
+    return scores(net, device, x, rows_per_call, max_rows=max_rows).argmax(dim=1)
 
 
 def _accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
@@ -284,7 +305,7 @@ def train_phyll(config: PhyLLConfig, device, data: Dataset, report: Report | Non
     metered = MeteredDevice(device)
     spec = metered.spec
     rows_per_call = max(1, min(spec.max_rows, config.eval_batch_size))
-    net = PhyLLNet(spec, config, data.n_features, data.n_classes, gen)
+    net = PhyLLNet(spec, config, data.n_features, data.n_classes, gen, data.image_shape)
     decay = config.weight_decay
     opts = [make_optimizer(config.optimizer, b.parameters(), config.lr) for b in net.blocks]
     readout_opt = (torch.optim.Adam(net.readout.parameters(), lr=config.readout_lr)
@@ -294,6 +315,8 @@ def train_phyll(config: PhyLLConfig, device, data: Dataset, report: Report | Non
     train_eval_idx = torch.randperm(n, generator=gen)[:n_train_eval]
     history: list[dict] = []
     start_epoch = 0
+    selection = Selection((state or {}).get("selection"))
+    resolved = config.model_dump(mode="json")
     if state is not None:
         net.load_state_dict(state["model"])
         for opt, s in zip(opts, state["optimizers"]):
@@ -359,31 +382,47 @@ def train_phyll(config: PhyLLConfig, device, data: Dataset, report: Report | Non
             train_acc = _accuracy(pred, data.y_train[train_eval_idx])
         else:
             train_acc = float("nan")
-        test_acc = _accuracy(predict(net, metered, data.x_test, rows_per_call), data.y_test)
+        val_scores = scores(net, metered, data.x_val, rows_per_call, config.alpha)
+        val_acc = _accuracy(val_scores.argmax(dim=1), data.y_val)
+        val_loss = float(torch.nn.functional.cross_entropy(val_scores, data.y_val)) if len(data.y_val) else math.nan
+        selection.offer(epoch, val_acc, val_loss, net.state_dict())
         metrics = {
             "epoch": epoch,
             "loss": sum(block_losses) / len(block_losses),
             "train_accuracy": train_acc,
-            "test_accuracy": test_acc,  # measured on the device
+            "val_accuracy": val_acc,  # measured on the device
+            "val_loss": val_loss,  # cross-entropy of the class scores (alpha x summed goodness)
+            **selection.metrics(),
             "device_calls": metered.calls - calls0,
             "device_rows": metered.rows - rows0,
             "device_calls_train": calls_train,
             "device_rows_train": rows_train,
             "epoch_s": time.monotonic() - t0,
+            "n_physical_params": 0,  # theta is fixed: PhyLL trains only the digital layers
+            "n_digital_params": sum(p.numel() for p in net.parameters()),
         }
         metrics.update({f"loss_block{b}": v for b, v in enumerate(block_losses)})
+        final: dict = {}
+        weights = copy.deepcopy(net.state_dict())  # this epoch's: what a resume continues from
+        if epoch == config.epochs:  # the one pass over the test split, on the selected weights
+            final = final_pass(selection, net.load_state_dict,
+                               lambda: predict(net, metered, data.x_test, rows_per_call), data.y_test)
+            metrics.update({k: v for k, v in final.items() if k != "test_predictions"})
+            # the epoch's device use includes its test pass
+            metrics.update(device_calls=metered.calls - calls0, device_rows=metered.rows - rows0)
         history.append(metrics)
         state = copy.deepcopy({  # a snapshot: later epochs must not change a reported state
-            "model": net.state_dict(),
+            "model": weights,
             "optimizers": [opt.state_dict() for opt in opts],
             "readout_optimizer": readout_opt.state_dict() if readout_opt is not None else None,
             "generator": gen.get_state(),
             "history": history,
             "epoch": epoch,
+            "selection": selection.state(),
+            "config": resolved,
         })
+        if final:
+            state["test_predictions"] = final["test_predictions"]
         if report is not None:
             report(dict(metrics), state)
-    last = history[-1] if history else {"test_accuracy": 0.0, "train_accuracy": 0.0}
-    params = {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
-    return TrainResult(test_accuracy=last["test_accuracy"], train_accuracy=last["train_accuracy"],
-                       epochs=len(history), history=history, params=params, state=state)
+    return result_of(history, selection, state, net)

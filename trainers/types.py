@@ -24,14 +24,23 @@ class Device(Protocol):
 
 @dataclass
 class Dataset:
-    """A classification split. Features are scaled to [0, 1]; labels are 0..n_classes-1."""
+    """A classification data set in three splits. Features are scaled to [0, 1] and flat ([N, F]);
+    `image_shape` (H, W) says how to fold them back into images (encoders use it). Labels are
+    0..n_classes-1.
+
+    Trainers select on the validation split; the test split is read once, by the final pass on the
+    checkpoint they selected (`trainers.selection.final_pass`).
+    """
 
     name: str
     x_train: torch.Tensor  # [N_train, n_features] float32
     y_train: torch.Tensor  # [N_train] int64
+    x_val: torch.Tensor  # [N_val, n_features] float32
+    y_val: torch.Tensor  # [N_val] int64
     x_test: torch.Tensor  # [N_test, n_features] float32
     y_test: torch.Tensor  # [N_test] int64
     n_classes: int
+    image_shape: tuple[int, int] | None = None
 
     @property
     def n_features(self) -> int:
@@ -45,7 +54,9 @@ Report = Callable[[dict, Optional[dict]], None]
 
 @dataclass
 class TrainResult:
-    test_accuracy: float  # measured on the device
+    test_accuracy: float  # measured on the device once, on the checkpoint selected by validation
+    val_accuracy: float  # of that checkpoint
+    best_epoch: int  # the epoch it was taken at
     train_accuracy: float
     epochs: int
     history: list[dict] = field(default_factory=list)  # one metrics dict per epoch
