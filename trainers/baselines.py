@@ -103,7 +103,7 @@ def train_digital(config: DigitalConfig, device, data: Dataset, report: Report |
                    "n_physical_params": 0, "n_digital_params": n_weights}
         final: dict = {}
         weights = copy.deepcopy(model.state_dict())  # this epoch's: what a resume continues from
-        if epoch == config.epochs:  # the one pass over the test split, on the selected weights
+        if epoch == config.epochs and config.final_test:  # the one pass over the test split
             final = final_pass(selection, model.load_state_dict,
                                lambda: model(data.x_test).argmax(dim=1), data.y_test)
             metrics.update({k: v for k, v in final.items() if k != "test_predictions"})

@@ -23,6 +23,9 @@ class TrainerConfig(BaseModel):
     seed: int = Field(default=0, ge=0, description="seeds initialisation and batch order")
     eval_batch_size: int = Field(default=256, ge=1, description="rows per device call when evaluating")
     torch_threads: int = Field(default=1, ge=1, le=256, description="torch CPU threads in the trainer")
+    final_test: bool = Field(default=True, description="after the last epoch, measure the test split once on "
+                             "the checkpoint selected by validation; off for runs that choose settings and "
+                             "must not open the test split")
 
 
 class TwinConfig(BaseModel):

@@ -342,7 +342,7 @@ def _train(config: PATConfig, device, data: Dataset, report: Report | None, stat
         if epoch == start_epoch + 1 and run.twin_fit_calls and state is None:
             metrics["twin_fit_calls"] = run.twin_fit_calls
         weights = copy.deepcopy(model.state_dict())  # this epoch's: what a resume continues from
-        if epoch == config.epochs:  # the one pass over the test split, on the selected weights
+        if epoch == config.epochs and config.final_test:  # the one pass over the test split
             final = final_pass(selection, model.load_state_dict,
                                lambda: predict_labels(model, data.x_test, config.eval_batch_size), data.y_test)
             metrics.update({k: v for k, v in final.items() if k != "test_predictions"})
@@ -360,7 +360,7 @@ def _train(config: PATConfig, device, data: Dataset, report: Report | None, stat
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
                  "history": history, "epoch": start_epoch, "selection": selection.state(), "config": resolved,
                  **run.twin_states()}
-    if history and "test_accuracy" not in history[-1] and start_epoch >= config.epochs:
+    if history and "test_accuracy" not in history[-1] and start_epoch >= config.epochs and config.final_test:
         # resumed with its epochs done but never tested (e.g. `epochs` lowered to end a long run early)
         model.eval()
         run.on_device()

@@ -404,7 +404,7 @@ def train_phyll(config: PhyLLConfig, device, data: Dataset, report: Report | Non
         metrics.update({f"loss_block{b}": v for b, v in enumerate(block_losses)})
         final: dict = {}
         weights = copy.deepcopy(net.state_dict())  # this epoch's: what a resume continues from
-        if epoch == config.epochs:  # the one pass over the test split, on the selected weights
+        if epoch == config.epochs and config.final_test:  # the one pass over the test split
             final = final_pass(selection, net.load_state_dict,
                                lambda: predict(net, metered, data.x_test, rows_per_call), data.y_test)
             metrics.update({k: v for k, v in final.items() if k != "test_predictions"})
