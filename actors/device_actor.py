@@ -1,27 +1,31 @@
 """`DeviceActor`: the Ray actor that owns one device and serves forward-pass requests.
 
+This module is the shell: the Ray-facing methods and the device thread. What they drive lives in
+pure objects of their own, each testable without Ray on a fake clock:
+  - `actors/fair_queue.py`   the waiting requests, taken round-robin over clients (fairness);
+  - `actors/leases.py`       the exclusive reservation of the device (leases);
+  - `actors/device_stats.py` the accounting (calls, rows, busy time, per-client usage);
+  - `actors/theta_rows.py`   the theta of a device call (shared, or expanded to rows once);
+  - `actors/envelope.py`     the check of a request against the device's safe envelope;
+  - `actors/errors.py`       every device error class.
+
 Requests arrive as (x[B, n_inputs], theta[n_params], client). Each is checked against the envelope
-before it is queued, so a bad request never reaches the device nor poisons a merged batch. One device
-thread owns the device (every `connect` and `forward` of the system runs on it, as instrument drivers
-often require): it takes queued requests round-robin over clients, least recently served first (so
-a client sending huge batches cannot starve the others), until the device's max rows, runs the
-device call and hands the rows back per request, in order, to the actor's event loop; then it takes
-the next batch at once. The event loop only queues and answers, so `stats`, `load`, `ping`, `info`
-and the lease methods never wait behind a device call. A device call gets theta[rows, n_params]
-(one row per sample), or theta[n_params] when all its requests share one vector and the system
-accepts a shared theta (`accepts_shared_theta` below).
+once, on arrival, before it is queued, so a bad request never reaches the device nor poisons a merged
+batch (the system is then called through `forward_checked` where it has one, so it does not check
+again). One device thread owns the device (every `connect` and `forward` of the system runs on it, as
+instrument drivers often require): it takes a batch from the fair queue, up to the device's max rows,
+runs the device call and hands the rows back per request, in order, to the actor's event loop; then
+it takes the next batch at once. The event loop only queues and answers, so `stats`, `load`, `ping`,
+`info` and the lease methods never wait behind a device call.
 
 Backpressure: at most `max_queue_rows` rows wait; beyond that a request is refused at once with
 `DeviceBusyError` (naming the device and the limit).
 
-Leases: a holder may reserve the device exclusively (`acquire_lease`). While a lease is active the
-device serves only requests that carry the lease token or come from a client id equal to the holder
-or under it (`holder/...`, e.g. the trials of a sweep named `holder`). Other requests are refused
-with `DeviceLeasedError` (policy "refuse") or wait in the queue until the lease ends (policy
-"wait"). A lease ends at its `until` time, on `release_lease`, or when its holder stops sending
-heartbeats for `heartbeat_s` seconds: the holder's process (driver, trial or actor) renews it from a
-background thread, so when that process dies, the lease lapses on its own. A lease is bound to a
-secret token: another client cannot renew, take over or release it.
+Leases (see `actors/leases.py`): while a lease is active, requests it does not admit are refused with
+`DeviceLeasedError` (policy "refuse") or wait in the queue until the lease ends (policy "wait").
+
+Constructing the actor does no I/O: no thread starts and the system is not connected until the first
+request (or `connect()`).
 """
 from __future__ import annotations
 
@@ -30,71 +34,40 @@ import os
 import socket
 import threading
 import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .device_stats import DeviceStats
 from .envelope import check_request
-from .errors import DeviceError, EnvelopeError
+from .errors import DeviceBusyError, DeviceError, EnvelopeError, named_error
+from .fair_queue import FairQueue
+from .leases import LeaseTable
 from .systems.registry import build_system
+from .theta_rows import accepts_shared_theta, call_theta
 
-RECENT_WINDOW_S = 60.0  # utilisation and active clients are reported over this window
-
-
-class DeviceBusyError(DeviceError):
-    """The device's queue is full (backpressure); retrying later may succeed."""
-
-
-class DeviceLeasedError(DeviceError):
-    """The device is reserved by another holder; not retried."""
-
-
-class DeviceTimeoutError(DeviceError):
-    """A call got no answer in time (raised client-side); not retried."""
-
-
-def format_wall(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+__all__ = ["DeviceActor"]
 
 
 @dataclass
 class _Request:
-    x: np.ndarray  # [rows, n_inputs] float32
-    theta: np.ndarray  # [n_params] float32
+    x: np.ndarray  # [rows, n_inputs] float32, checked
+    theta: np.ndarray  # [n_params] float32, checked
     client: str
     future: asyncio.Future
-    token: str | None = None
-    enqueued: float = field(default_factory=time.monotonic)
+    token: str | None
+    enqueued: float  # the stats clock's time of arrival
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0]
 
 
-@dataclass
-class _ClientStats:
-    requests: int = 0
-    rows: int = 0
-    wait_s: float = 0.0  # time requests spent queued before their device call started
-    device_s: float = 0.0  # this client's share (by rows) of the busy time of the calls it was in
-    last_seen: float = 0.0  # actor monotonic time of the client's last request
-
-
-@dataclass
-class _Lease:
-    holder: str
-    token: str
-    until: float  # wall clock (time.time): the lease's end
-    heartbeat_s: float  # lapses when no heartbeat came for this long
-    last_beat: float  # actor monotonic time of the last heartbeat
-    job: str | None = None  # the holder's Ray job id, for people reading `devices ls`
-    since: float = field(default_factory=time.time)
-
-    def remaining_s(self) -> float:
-        return min(self.until - time.time(), self.last_beat + self.heartbeat_s - time.monotonic())
-
-    def public(self) -> dict:
-        return {"holder": self.holder, "until": self.until, "until_text": format_wall(self.until),
-                "since": self.since, "heartbeat_s": self.heartbeat_s, "job": self.job,
-                "remaining_s": max(0.0, self.remaining_s())}
+def _given_up(req: _Request) -> bool:
+    """A request whose caller stopped waiting (cancelled: ray.cancel after a client timeout)."""
+    return req.future.done()
 
 
 class DeviceActor:
@@ -105,50 +78,33 @@ class DeviceActor:
                  max_lease_s: float = 7 * 86400.0, device: str | None = None, replica: int = 0,
                  replicas: int = 1, client_policy: dict | None = None):
         # Construct only: no I/O here. The system connects on the first request (or `connect()`).
-        if lease_policy not in ("refuse", "wait"):
-            raise ValueError(f"lease_policy must be 'refuse' or 'wait', got {lease_policy!r}")
         self.name = name
         self.device = device or name.split("#")[0]
         self.replica = replica
         self.replicas = replicas
+        # Shared by the event loop and the device thread: the queue, the leases and the stats are
+        # only touched with this lock held (never held during a device call).
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        # A lease that ends wakes the device thread: requests it held back (policy "wait") may go.
+        self._leases = LeaseTable(self.device, name, lease_policy, max_lease_s, on_end=self._cond.notify_all)
         self._system = build_system(system_config)
         self._spec = self._system.spec
         self._shared_theta = accepts_shared_theta(self._system)
+        # Requests are checked on arrival: call the system's unchecked entry where it has one.
+        self._measure = getattr(self._system, "forward_checked", None) or self._system.forward
         self._max_wait_s = max_wait_s
         self._max_queue_rows = max_queue_rows
-        self._lease_policy = lease_policy
-        self._max_lease_s = max_lease_s
         self._client_policy = dict(client_policy or {})
-        self._queues: "OrderedDict[str, deque[_Request]]" = OrderedDict()
-        self._last_served: dict[str, int] = {}  # client -> turn (device call) it was last served in
-        self._turn = 0
-        self._queued_rows = 0
-        # Shared by the event loop and the device thread: every field above and below that either
-        # writes is guarded by this lock (never held during a device call).
-        self._lock = threading.RLock()
-        self._cond = threading.Condition(self._lock)
+        self._queue: FairQueue[_Request] = FairQueue(is_dead=_given_up)
+        self._stats = DeviceStats()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._control: deque = deque()  # (callable, future) to run on the device thread
         self._closing = False
         self._connected = False
-        self._lease: _Lease | None = None
-        self._started = time.monotonic()
         self._started_wall = time.time()
         self._restarted = _was_restarted()
-        self._call_started: float | None = None  # monotonic start of the device call in progress
-        self._spans: deque[tuple[float, float]] = deque()  # (start, end) of recent device calls
-        self._reset_counters()
-
-    def _reset_counters(self) -> None:
-        self._calls = 0
-        self._rows = 0
-        self._requests = 0
-        self._errors = 0
-        self._refused = 0
-        self._busy_s = 0.0
-        self._first_request: float | None = None
-        self._clients: dict[str, _ClientStats] = {}
 
     # -- cheap methods: never queue behind device calls --------------------------------------------
     def ping(self) -> str:
@@ -170,7 +126,7 @@ class DeviceActor:
             "name": self.name, "device": self.device, "replica": self.replica, "replicas": self.replicas,
             "system": self._spec.name, "node_id": ctx.get_node_id(), "node_ip": _node_ip(),
             "hostname": socket.gethostname(), "pid": os.getpid(), "started": self._started_wall,
-            "restarted": self._restarted, "lease_policy": self._lease_policy,
+            "restarted": self._restarted, "lease_policy": self._leases.policy,
             "max_queue_rows": self._max_queue_rows, "max_rows": self._spec.max_rows,
             "client_policy": dict(self._client_policy),
         }
@@ -178,62 +134,29 @@ class DeviceActor:
     def load(self) -> dict:
         """A cheap load figure for clients choosing a replica."""
         with self._lock:
-            return {"queued_rows": self._queued_rows, "busy": self._call_started is not None,
-                    "leased": self._active_lease() is not None}
-
-    def _busy_now(self, now: float) -> float:
-        return self._busy_s + ((now - self._call_started) if self._call_started is not None else 0.0)
-
-    def _recent_busy(self, now: float) -> float:
-        lo = now - RECENT_WINDOW_S
-        busy = sum(min(e, now) - max(s, lo) for s, e in self._spans if e > lo)
-        if self._call_started is not None:
-            busy += now - max(self._call_started, lo)
-        return busy
+            return {"queued_rows": self._queue.rows, "busy": self._stats.in_call,
+                    "leased": self._leases.active() is not None}
 
     def stats(self) -> dict:
         with self._lock:
-            return self._stats()
-
-    def _stats(self) -> dict:
-        now = time.monotonic()
-        span = (now - self._first_request) if self._first_request is not None else 0.0
-        busy = self._busy_now(now)
-        window = min(RECENT_WINDOW_S, now - self._started)
-        lease = self._active_lease()
-        active = sorted(c for c, s in self._clients.items() if now - s.last_seen <= RECENT_WINDOW_S)
-        active = sorted(set(active) | set(self._queues))
-        return {
-            "name": self.name,
-            "device": self.device,
-            "replica": self.replica,
-            "system": self._spec.name,
-            "now": now,  # actor monotonic clock: differences of two stats give exact windows
-            "calls": self._calls,
-            "rows": self._rows,
-            "requests": self._requests,
-            "errors": self._errors,
-            "refused": self._refused,
-            "busy_s": busy,
-            "span_s": span,
-            "utilisation": min(1.0, busy / span) if span > 0 else 0.0,
-            "utilisation_recent": min(1.0, self._recent_busy(now) / window) if window > 0 else 0.0,
-            "in_call": self._call_started is not None,
-            "queued_rows": self._queued_rows,
-            "queued_requests": sum(len(q) for q in self._queues.values()),
-            "max_queue_rows": self._max_queue_rows,
-            "active_clients": active,
-            "lease": lease.public() if lease else None,
-            "clients": {k: {"requests": v.requests, "rows": v.rows, "wait_s": v.wait_s,
-                            "device_s": v.device_s} for k, v in self._clients.items()},
-        }
+            now = self._stats.now()  # the stats clock: differences of two stats give exact windows
+            return {
+                "name": self.name,
+                "device": self.device,
+                "replica": self.replica,
+                "system": self._spec.name,
+                **self._stats.counters(now),
+                "queued_rows": self._queue.rows,
+                "queued_requests": len(self._queue),
+                "max_queue_rows": self._max_queue_rows,
+                "active_clients": self._stats.active_clients(now, also=self._queue.clients()),
+                "lease": self._leases.info(),
+                "clients": self._stats.clients(),
+            }
 
     def reset_stats(self) -> None:
         with self._lock:
-            self._reset_counters()
-            self._spans.clear()
-            if self._call_started is not None:  # of the call in progress, only what follows counts
-                self._busy_s = -(time.monotonic() - self._call_started)
+            self._stats.reset()
 
     async def connect(self) -> None:
         """Connect the system now (on the device thread) instead of before its first call."""
@@ -256,28 +179,6 @@ class DeviceActor:
         self.close()
 
     # -- leases ---------------------------------------------------------------------------------------
-    def _active_lease(self) -> _Lease | None:
-        """The lease in force (an ended one is dropped here). Call with the lock held."""
-        lease = self._lease
-        if lease is not None and lease.remaining_s() <= 0:
-            self._lease = None
-            lease = None
-            self._cond.notify_all()  # requests waiting for the lease to end may go now
-        return lease
-
-    def _admits(self, client: str, token: str | None) -> bool:
-        lease = self._active_lease()
-        if lease is None:
-            return True
-        return token == lease.token or client == lease.holder or client.startswith(lease.holder + "/")
-
-    def _leased_error(self, lease: _Lease, what: str) -> DeviceLeasedError:
-        return DeviceLeasedError(
-            f"device '{self.device}' ({self.name}) is reserved by '{lease.holder}' until "
-            f"{format_wall(lease.until)} ({what}); wait until then, use another device, or ask "
-            f"'{lease.holder}' to release it (a lease cannot be taken over)"
-        )
-
     def acquire_lease(self, holder: str, token: str, until: float, heartbeat_s: float = 10.0,
                       job: str | None = None) -> dict:
         """Reserve the device for `holder` until the wall time `until`, or renew (same token).
@@ -285,67 +186,30 @@ class DeviceActor:
         The holder must call this again within every `heartbeat_s` seconds (a heartbeat), else the
         lease lapses. Calling it with the same token after an actor restart re-creates the lease.
         """
-        if not isinstance(holder, str) or not holder.strip():
-            raise ValueError(f"lease holder must be a non-empty name, got {holder!r}")
-        if not isinstance(token, str) or len(token) < 8:
-            raise ValueError("lease token must be a string of at least 8 characters (use uuid4().hex)")
-        now = time.time()
-        if not until > now:
-            raise ValueError(f"lease end {format_wall(until)} is not in the future; give seconds > 0")
-        if until - now > self._max_lease_s + 1.0:
-            raise ValueError(f"lease of {until - now:.0f} s on device '{self.device}' exceeds the "
-                             f"device's max_lease_s={self._max_lease_s:.0f}; ask for less")
-        if not 0 < heartbeat_s <= 3600:
-            raise ValueError(f"heartbeat_s must be in (0, 3600], got {heartbeat_s!r}")
         with self._lock:
-            return self._acquire_lease(holder, token, until, heartbeat_s, job)
-
-    def _acquire_lease(self, holder, token, until, heartbeat_s, job) -> dict:
-        lease = self._active_lease()
-        if lease is not None and lease.token != token:
-            raise self._leased_error(lease, "lease requested by '" + holder + "' refused")
-        if lease is None:
-            lease = self._lease = _Lease(holder, token, until, heartbeat_s, time.monotonic(), job)
-            if self._lease_policy == "refuse":
-                self._fail_queued_non_admitted(lease)
-        else:
-            lease.until, lease.heartbeat_s, lease.last_beat = until, heartbeat_s, time.monotonic()
-        return lease.public()
+            lease, began = self._leases.acquire(holder, token, until, heartbeat_s, job)
+            if began and self._leases.policy == "refuse":
+                self._refuse_queued_outside_lease()
+            return lease
 
     def release_lease(self, token: str) -> bool:
         """End the lease held with `token`. False if there was none; refused for another's token."""
         with self._lock:
-            lease = self._active_lease()
-            if lease is None:
-                return False
-            if lease.token != token:
-                raise self._leased_error(lease, "only its holder can release it")
-            self._lease = None
-            self._cond.notify_all()
-            return True
+            return self._leases.release(token)
 
     def lease_info(self) -> dict | None:
         with self._lock:
-            lease = self._active_lease()
-            return lease.public() if lease else None
+            return self._leases.info()
 
-    def _fail_queued_non_admitted(self, lease: _Lease) -> None:
-        for client in list(self._queues):
-            queue = self._queues[client]
-            kept = deque()
-            for req in queue:
-                if req.future.done():
-                    self._queued_rows -= req.x.shape[0]
-                elif self._admits(req.client, req.token):
-                    kept.append(req)
-                else:
-                    self._queued_rows -= req.x.shape[0]
-                    self._refused += 1
-                    self._post(self._settle, req.future, None, self._leased_error(lease, "queued request dropped"))
-            if kept:
-                self._queues[client] = kept
-            else:
-                del self._queues[client]
+    def _refuse_queued_outside_lease(self) -> None:
+        """A lease began under policy "refuse": the queued requests it does not admit fail now."""
+        lease = self._leases.active()
+        for req in self._queue.remove_unless(self._admitted):
+            self._stats.refuse()
+            self._post(self._settle, req.future, None, self._leases.refusal(lease, "queued request dropped"))
+
+    def _admitted(self, req: _Request) -> bool:
+        return self._leases.admits(req.client, req.token)
 
     # -- serving ------------------------------------------------------------------------------------
     async def forward(self, x, theta, client: str = "anonymous", lease_token: str | None = None) -> np.ndarray:
@@ -354,50 +218,47 @@ class DeviceActor:
             x, theta = check_request(self._spec, x, theta, device=self.name, batched_theta=False)
         except EnvelopeError:
             with self._lock:
-                self._refused += 1
+                self._stats.refuse()
             raise
         rows = x.shape[0]
         loop = asyncio.get_running_loop()
         with self._cond:
             self._refuse_if_needed(rows, client, lease_token)
-            now = time.monotonic()
-            if self._first_request is None:
-                self._first_request = now
-            self._clients.setdefault(client, _ClientStats()).last_seen = now
+            now = self._stats.arrive(client)
             # A request larger than the device's max rows is served as several chunks, in order.
             step = self._spec.max_rows
             chunks = [_Request(x[i : i + step], theta, client, loop.create_future(), lease_token, now)
                       for i in range(0, rows, step)]
-            self._queues.setdefault(client, deque()).extend(chunks)
-            self._queued_rows += rows
+            self._queue.push(client, chunks)
             self._ensure_thread(loop)
             self._cond.notify_all()
         # If the caller cancels (ray.cancel after a client timeout), the awaited future (one chunk)
-        # or gather (several) is cancelled with it; the device thread then drops them from the queue.
+        # or gather (several) is cancelled with it; the fair queue then drops them unserved.
         if len(chunks) == 1:  # the common case: no gather wrapper (a per-request cost, ~tens of us)
             return await chunks[0].future
         parts = await asyncio.gather(*(c.future for c in chunks))
         return np.concatenate(parts, axis=0)
 
     def _refuse_if_needed(self, rows: int, client: str, lease_token: str | None) -> None:
+        """Admission (lock held): backpressure, then the lease."""
         if rows > self._max_queue_rows:
-            self._refused += 1
+            self._stats.refuse()
             raise DeviceBusyError(
                 f"device '{self.device}' ({self.name}): a request of {rows} rows can never fit its "
                 f"queue (max_queue_rows={self._max_queue_rows}); send at most "
                 f"{self._max_queue_rows} rows per request or raise max_queue_rows in the device config"
             )
-        if self._queued_rows + rows > self._max_queue_rows:
-            self._refused += 1
+        if self._queue.rows + rows > self._max_queue_rows:
+            self._stats.refuse()
             raise DeviceBusyError(
-                f"device '{self.device}' ({self.name}): queue full ({self._queued_rows} rows waiting + "
+                f"device '{self.device}' ({self.name}): queue full ({self._queue.rows} rows waiting + "
                 f"{rows} requested > max_queue_rows={self._max_queue_rows}); retry later, send fewer "
                 f"concurrent requests, or add replicas"
             )
-        lease = self._active_lease()
-        if lease is not None and self._lease_policy == "refuse" and not self._admits(client, lease_token):
-            self._refused += 1
-            raise self._leased_error(lease, "lease policy 'refuse'")
+        lease = self._leases.active()
+        if lease is not None and self._leases.refuses(client, lease_token):
+            self._stats.refuse()
+            raise self._leases.refusal(lease, "lease policy 'refuse'")
 
     # -- the device thread ----------------------------------------------------------------------------
     def _ensure_thread(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -458,7 +319,7 @@ class DeviceActor:
                 try:
                     self._post(self._settle, future, fn(), None)
                 except Exception as exc:  # noqa: BLE001 - handed to the caller
-                    self._post(self._settle, future, None, _named_error(exc, self.name))
+                    self._post(self._settle, future, None, named_error(exc, self.name))
                 continue
             self._run(work)
 
@@ -469,167 +330,48 @@ class DeviceActor:
                 return None
             if self._control:
                 return self._control.popleft()
-            if self._has_admitted_work():
-                if self._max_wait_s > 0 and self._queued_rows < self._spec.max_rows:
+            if self._queue.ready(self._admitted):
+                if self._max_wait_s > 0 and self._queue.rows < self._spec.max_rows:
                     # Let more rows join this call, up to max_wait_s or a full call.
                     deadline = time.monotonic() + self._max_wait_s
-                    while self._queued_rows < self._spec.max_rows and not self._closing:
+                    while self._queue.rows < self._spec.max_rows and not self._closing:
                         left = deadline - time.monotonic()
                         if left <= 0:
                             break
                         self._cond.wait(left)
-                batch = self._take_batch()
+                batch = self._queue.take(self._spec.max_rows, self._admitted)
                 if batch:
                     return batch
                 continue
-            lease = self._active_lease()
+            remaining = self._leases.remaining_s()
             # Requests held back by a lease ("wait" policy) go when it lapses: wake up then.
-            timeout = max(0.01, lease.remaining_s() + 0.01) if (lease and self._queues) else None
+            timeout = max(0.01, remaining + 0.01) if (remaining is not None and self._queue) else None
             self._cond.wait(timeout)
-
-    def _head(self, client: str) -> _Request | None:
-        """The first live request of a client's queue (cancelled ones are dropped). Lock held."""
-        queue = self._queues[client]
-        while queue and queue[0].future.done():
-            self._queued_rows -= queue.popleft().x.shape[0]
-        if not queue:
-            del self._queues[client]
-            return None
-        return queue[0]
-
-    def _has_admitted_work(self) -> bool:
-        for client in list(self._queues):
-            req = self._head(client)
-            if req is not None and self._admits(req.client, req.token):
-                return True
-        return False
-
-    def _take_batch(self) -> list[_Request]:
-        """Round-robin over clients, least recently served first, one request each per turn, until
-        the next would exceed max rows. A client with a long queue of big requests thus gets one
-        request per call while every other waiting client also gets one: it cannot starve them.
-        Lock held."""
-        batch: list[_Request] = []
-        rows = 0
-        limit = self._spec.max_rows
-        order = sorted(self._queues, key=lambda c: self._last_served.get(c, -1))
-        while order:
-            progressed = False
-            for client in order:
-                if client not in self._queues:
-                    continue
-                req = self._head(client)
-                if req is None or not self._admits(req.client, req.token):
-                    continue
-                if batch and rows + req.x.shape[0] > limit:
-                    continue
-                queue = self._queues[client]
-                queue.popleft()
-                batch.append(req)
-                rows += req.x.shape[0]
-                progressed = True
-                if not queue:
-                    del self._queues[client]
-                if rows >= limit:
-                    break
-            if rows >= limit or not progressed:
-                break
-        if batch:
-            self._turn += 1
-            for req in batch:
-                self._last_served[req.client] = self._turn
-            if len(self._last_served) > 100_000:  # forget long-gone clients
-                self._last_served = {c: t for c, t in self._last_served.items() if c in self._queues}
-        self._queued_rows -= rows
-        return batch
 
     def _run(self, batch: list[_Request]) -> None:
         """One device call for a batch (device thread, lock not held), then answer each request."""
-        sizes = [r.x.shape[0] for r in batch]
+        sizes = [r.rows for r in batch]
         # concatenate also copies a lone request's rows: Ray hands the actor read-only buffers.
         x = torch.from_numpy(np.concatenate([r.x for r in batch], axis=0))
-        theta = self._call_theta(batch, sizes)
+        theta = call_theta([r.theta for r in batch], sizes, self._shared_theta)
         with self._lock:
-            start = self._call_started = time.monotonic()
-            for r in batch:
-                self._clients.setdefault(r.client, _ClientStats()).wait_s += start - r.enqueued
+            self._stats.call_starts((r.client, r.enqueued) for r in batch)
         try:
             self._connect_system()
-            y = self._system.forward(x, theta)
+            y = self._measure(x, theta)
             y = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y, np.float32)
             if y.shape[0] != x.shape[0]:
                 raise DeviceError(f"returned {y.shape[0]} rows for a call of {x.shape[0]}")
         except Exception as exc:  # a device fault fails this call's requests only
             with self._lock:
-                self._end_call()
-                self._errors += 1
-            self._post(self._answer, batch, None, _named_error(exc, self.name))
+                self._stats.call_fails()
+            self._post(self._answer, batch, None, named_error(exc, self.name))
             return
         offsets = np.cumsum([0, *sizes])
         parts = [y[offsets[i] : offsets[i + 1]] for i in range(len(batch))]
-        total = int(offsets[-1])
         with self._lock:
-            elapsed = self._end_call()
-            self._calls += 1
-            self._rows += total
-            self._requests += len(batch)
-            for r, n in zip(batch, sizes):
-                stats = self._clients.setdefault(r.client, _ClientStats())
-                stats.requests += 1
-                stats.rows += n
-                stats.device_s += elapsed * n / total
+            self._stats.call_succeeds([(r.client, n) for r, n in zip(batch, sizes)])
         self._post(self._answer, batch, parts, None)
-
-    def _call_theta(self, batch: list[_Request], sizes: list[int]) -> torch.Tensor:
-        """theta of one device call: theta[n_params] when every request of the batch carries the same
-        vector and the system takes a shared theta (one client's requests, the common case: no
-        [rows, n_params] copy, e.g. 256 x 4160 floats = 4 MB for oscillators, and the system can use
-        it once per call), else one row per sample, theta[rows, n_params] (the documented contract)."""
-        first = batch[0].theta
-        if self._shared_theta and all(r.theta is first or np.array_equal(r.theta, first) for r in batch[1:]):
-            return torch.from_numpy(first.copy())  # a copy: the system may keep or modify its input
-        return torch.from_numpy(
-            np.concatenate([np.broadcast_to(r.theta, (n, r.theta.shape[0])) for r, n in zip(batch, sizes)])
-        )
-
-    def _end_call(self) -> float:
-        end = time.monotonic()
-        start = self._call_started if self._call_started is not None else end
-        self._call_started = None
-        elapsed = end - start
-        self._busy_s += elapsed
-        self._spans.append((start, end))
-        lo = end - RECENT_WINDOW_S
-        while self._spans and self._spans[0][1] < lo:
-            self._spans.popleft()
-        return elapsed
-
-
-def accepts_shared_theta(system) -> bool:
-    """Whether `system.forward` may be called with one theta[n_params] for all rows (broadcast by the
-    system) instead of theta[rows, n_params]. A system says so with a class attribute
-    `accepts_shared_theta = True`; the simulators (`SimulatedSystem`, whose forward broadcasts a 1-D
-    theta) do by default. Any other system (user systems, instruments) gets the documented
-    theta[rows, n_params]."""
-    flag = getattr(system, "accepts_shared_theta", None)
-    if flag is not None:
-        return bool(flag)
-    from .systems.base import SimulatedSystem
-
-    return isinstance(system, SimulatedSystem)
-
-
-def _named_error(exc: Exception, name: str) -> DeviceError:
-    """The device's error as a DeviceError whose message names the device replica."""
-    prefix = f"device '{name}'"
-    if isinstance(exc, DeviceError):
-        if str(exc).startswith(prefix):
-            return exc
-        try:
-            return type(exc)(f"{prefix}: {exc}")
-        except Exception:  # a subclass with another constructor
-            return DeviceError(f"{prefix}: {type(exc).__name__}: {exc}")
-    return DeviceError(f"{prefix}: {type(exc).__name__}: {exc}")
 
 
 def _was_restarted() -> bool:

@@ -1,11 +1,19 @@
-"""The device actor on a real Ray: refusals, accounting, batching across clients."""
+"""The device actor on a real Ray: refusals, accounting, batching across clients; and, without Ray,
+that constructing it does no I/O."""
 from __future__ import annotations
+
+import asyncio
+import threading
 
 import numpy as np
 import pytest
 import ray
+import torch
+from pydantic import BaseModel, ConfigDict
 
+from actors.device_actor import DeviceActor
 from actors.errors import DeviceError, EnvelopeError
+from actors.spec import SystemSpec
 from farm.client import DeviceClient
 from farm.config import DeviceConfig
 from farm.pool import find_device, start_device, stop_device
@@ -128,3 +136,55 @@ def test_device_fault_fails_the_request_with_a_device_error(ray_session):
 def test_client_of_a_missing_device_says_how_to_start_it(ray_session):
     with pytest.raises(DeviceError, match="'nope' is not running"):
         DeviceClient("nope").connect()
+
+
+class LoggedConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: str
+
+
+class LoggedSystem:
+    """A device that logs every call made to it: y = x."""
+
+    config_class = LoggedConfig
+
+    def __init__(self, config: LoggedConfig):
+        self.config = config
+        self.log: list[str] = []
+
+    @property
+    def spec(self) -> SystemSpec:
+        return SystemSpec(name="logged", n_inputs=3, n_params=1, n_outputs=3, input_range=(-1.0, 1.0),
+                          param_range=(-1.0, 1.0))
+
+    def connect(self) -> None:
+        self.log.append("connect")
+
+    def forward(self, x, theta) -> torch.Tensor:
+        self.log.append("forward")
+        return x
+
+    def close(self) -> None:
+        self.log.append("close")
+
+
+def test_constructing_the_actor_does_no_io_until_used():
+    """No device thread and no call to the system (not even connect) until the first request; the
+    cheap methods start nothing either. (In-process, without Ray: the same code the actor runs.)"""
+    actor = DeviceActor({"kind": f"{__name__}:LoggedSystem"}, name="quiet#0")
+
+    def device_threads():
+        return [t for t in threading.enumerate() if t.name == "device-quiet#0"]
+
+    try:
+        assert actor._system.log == [] and device_threads() == []
+        assert actor.ping() == "pong" and actor.spec()["name"] == "logged"
+        assert actor.stats()["calls"] == 0 and actor.load() == {"queued_rows": 0, "busy": False, "leased": False}
+        assert actor.lease_info() is None
+        assert actor._system.log == [] and device_threads() == []
+        y = asyncio.run(actor.forward(np.full((2, 3), 0.5, np.float32), np.zeros(1, np.float32), "c"))
+        np.testing.assert_array_equal(y, np.full((2, 3), 0.5, np.float32))
+        assert actor._system.log == ["connect", "forward"] and len(device_threads()) == 1
+    finally:
+        actor.close()
+    assert actor._system.log[-1] == "close" and device_threads() == []

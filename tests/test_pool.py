@@ -15,8 +15,7 @@ import pytest
 import ray
 from ray import cloudpickle
 
-from actors.device_actor import DeviceBusyError, DeviceLeasedError, DeviceTimeoutError
-from actors.errors import DeviceError, EnvelopeError
+from actors.errors import DeviceBusyError, DeviceError, DeviceLeasedError, DeviceTimeoutError, EnvelopeError
 from farm.cli import main as cli_main
 from farm.client import DeviceClient
 from farm.config import DeviceConfig, parse_config

@@ -20,8 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from actors.device_actor import DeviceBusyError
-from actors.errors import EnvelopeError
+from actors.errors import DeviceBusyError, EnvelopeError
 from farm.config import DeviceConfig
 from farm.pool import start_device, stop_device
 

@@ -9,12 +9,17 @@ import asyncio
 import threading
 
 import numpy as np
+import pytest
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from actors.device_actor import DeviceActor, accepts_shared_theta
+import actors.device_actor
+import actors.systems.base
+from actors.device_actor import DeviceActor
+from actors.errors import EnvelopeError
 from actors.spec import SystemSpec
 from actors.systems.oscillators import Oscillators, OscillatorsModel
+from actors.theta_rows import accepts_shared_theta
 
 
 class ShapeConfig(BaseModel):
@@ -137,3 +142,35 @@ def test_oscillators_device_through_the_actor_equals_in_process():
         actor.close()
     ref = Oscillators(cfg).forward(x, np.ascontiguousarray(np.broadcast_to(theta, (9, 42)))).numpy()
     np.testing.assert_allclose(y, ref, rtol=0, atol=1e-5)
+
+
+def test_the_actor_checks_a_request_once_and_the_local_path_still_checks(monkeypatch):
+    """On the actor path the envelope is checked once, on arrival (the simulator is called through
+    `forward_checked`); a simulator called directly still checks every request itself."""
+    checks = []
+
+    def count_checks(module):
+        real = module.check_request
+
+        def check(*args, **kwargs):
+            checks.append(module.__name__)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "check_request", check)
+
+    count_checks(actors.device_actor)
+    count_checks(actors.systems.base)
+    cfg = {"kind": "oscillators", "n": 4, "noise": 0.0}
+    x, theta = np.full((3, 4), 0.1, np.float32), np.zeros(20, np.float32)
+    actor = DeviceActor(cfg, name="osc#0")
+    try:
+        served = asyncio.run(actor.forward(x, theta, "c"))
+    finally:
+        actor.close()
+    assert checks == ["actors.device_actor"]
+    checks.clear()
+    local = Oscillators(cfg)
+    np.testing.assert_array_equal(local.forward(x, theta).numpy(), served)
+    assert checks == ["actors.systems.base"]
+    with pytest.raises(EnvelopeError, match=r"theta value 2\.5 at index \[0\] is outside the parameter range"):
+        local.forward(x, np.full(20, 2.5, np.float32))

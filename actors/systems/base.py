@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..envelope import check_request
 from ..errors import DeviceError
 from ..spec import SystemSpec
+from ..theta_rows import expand_rows
 
 
 class SimConfig(BaseModel):
@@ -120,20 +121,25 @@ class SimulatedSystem:
         raise NotImplementedError
 
     def forward(self, x, theta) -> torch.Tensor:
-        """Measure y[B, n_outputs] for x[B, n_inputs] and theta[n_params] or theta[B, n_params]."""
-        spec = self.spec
-        x_np, theta_np = check_request(spec, x, theta)
-        x_t = torch.from_numpy(np.array(x_np, copy=True))
-        theta_t = torch.from_numpy(np.array(theta_np, copy=True))
-        if theta_t.ndim == 1:
-            theta_t = theta_t.expand(x_t.shape[0], -1)
+        """Measure y[B, n_outputs] for x[B, n_inputs] and theta[n_params] or theta[B, n_params].
+
+        The local path (a simulator called directly): the request is checked against the envelope
+        here. The device actor checks each request once on arrival and calls `forward_checked`."""
+        x_np, theta_np = check_request(self.spec, x, theta)
+        return self.forward_checked(torch.from_numpy(np.array(x_np, copy=True)),
+                                    torch.from_numpy(np.array(theta_np, copy=True)))
+
+    def forward_checked(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """`forward` for a request already checked against `spec` (float32 tensors of the right
+        shapes, inside the envelope, that this call may keep): not checked again."""
+        theta = expand_rows(theta, x.shape[0])  # _measure takes one theta row per sample
         start = time.monotonic()
         self.calls += 1
         if self.config.fault_rate and self._fault_rng.random() < self.config.fault_rate:
-            raise DeviceError(f"{spec.name}: simulated device fault on call {self.calls}")
+            raise DeviceError(f"{self.spec.name}: simulated device fault on call {self.calls}")
         with torch.no_grad():
-            y = self._measure(x_t, theta_t)
-        self._sleep_latency(x_t.shape[0], start)
+            y = self._measure(x, theta)
+        self._sleep_latency(x.shape[0], start)
         return y.to(torch.float32)
 
     # -- for subclasses ---------------------------------------------------------------------------

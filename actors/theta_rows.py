@@ -1,0 +1,49 @@
+"""Theta of a device call: the one place where a request's theta[n_params] becomes one row per sample.
+
+Requests carry one parameter vector each. `PhysicalSystem.forward` takes theta[rows, n_params] (one
+row per sample, so that rows of several requests can share a call) or, from systems that say they
+take it (`accepts_shared_theta`), one theta[n_params] for a call whose rows all share it. Both the
+device actor (building a call from queued requests: `call_theta`) and the simulators (handed a
+theta[n_params]: `expand_rows`) expand theta here, so a call's theta is expanded exactly once.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def accepts_shared_theta(system) -> bool:
+    """Whether `system.forward` may be called with one theta[n_params] for all rows (broadcast by the
+    system) instead of theta[rows, n_params]. A system says so with a class attribute
+    `accepts_shared_theta = True`; the simulators (`SimulatedSystem`, whose forward broadcasts a 1-D
+    theta) do by default. Any other system (user systems, instruments) gets the documented
+    theta[rows, n_params]."""
+    flag = getattr(system, "accepts_shared_theta", None)
+    if flag is not None:
+        return bool(flag)
+    from .systems.base import SimulatedSystem  # here: the simulators import this module
+
+    return isinstance(system, SimulatedSystem)
+
+
+def expand_rows(theta: torch.Tensor, rows: int) -> torch.Tensor:
+    """theta[n_params] as theta[rows, n_params]: a view, no copy (rows share its memory, which
+    systems such as the oscillators detect to compute once per call); theta[rows, n_params] as is."""
+    return theta.expand(rows, -1) if theta.ndim == 1 else theta
+
+
+def call_theta(thetas: Sequence[np.ndarray], sizes: Sequence[int], shared: bool) -> torch.Tensor:
+    """theta of one device call made of requests with theta[n_params] `thetas` and `sizes` rows.
+
+    theta[n_params] when `shared` (the system takes a shared theta) and every request carries the
+    same vector (one client's requests, the common case: no [rows, n_params] copy, e.g. 256 x 4160
+    floats = 4 MB for oscillators, and the system can use it once per call); else one row per
+    sample, theta[rows, n_params] (the documented contract). Always a fresh tensor: the system may
+    keep or modify its input, and Ray hands the actor read-only buffers.
+    """
+    first = thetas[0]
+    if shared and all(t is first or np.array_equal(t, first) for t in thetas[1:]):
+        return torch.tensor(first)
+    return torch.cat([expand_rows(torch.tensor(t), n) for t, n in zip(thetas, sizes)])
