@@ -41,6 +41,13 @@ def rand(spec, rows, seed=0):
         plo + (phi - plo) * torch.rand(spec.n_params, generator=g)
 
 
+def _wait_closed_by_peer(inst: Instrument, timeout_s: float = 10.0) -> None:
+    """Wait until the instrument's idle link has seen the peer's close (its socket turns readable:
+    EOF), the condition under which the instrument reopens the link before its next request."""
+    readable, _, _ = select.select([inst._sock], [], [], timeout_s)
+    assert readable, f"the dropped link never reached the instrument's socket within {timeout_s:g} s"
+
+
 def raw_connect(port: int) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
     return s
@@ -430,7 +437,7 @@ def test_dropped_links_reconnect(serve, fault_proxy):
     before = inst.forward(x, theta)
     for _ in range(3):  # the link dropped while idle: noticed before the next request, reopened
         proxy.drop_open()
-        time.sleep(0.05)
+        _wait_closed_by_peer(inst)
         assert torch.equal(inst.forward(x, theta), before)
     assert inst.reconnects >= 3
     proxy.drop()  # every connection is cut at once: a clear error after the retries

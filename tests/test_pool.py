@@ -45,6 +45,22 @@ def _restarted(handle, wait_s: float = 60.0) -> bool:
     return False
 
 
+def _wait_until(condition, what: str, timeout_s: float = 60.0) -> None:
+    """Poll `condition` until it holds; fail naming `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(0.005)
+
+
+def _arrived_rows(handle, call_rows: int) -> int:
+    """Rows the actor has received: queued, served, or in the device call in progress (taken as
+    `call_rows`; a batch taken from the queue but not yet in its call is missed, so poll)."""
+    stats = ray.get(handle.stats.remote())
+    return stats["queued_rows"] + stats["rows"] + (call_rows if stats["in_call"] else 0)
+
+
 def _osc(**system) -> dict:
     return {"kind": "oscillators", "n": N, "seed": 0, **system}
 
@@ -144,7 +160,8 @@ def test_stats_and_ping_answer_while_a_slow_device_call_runs(slow):
 def test_a_heavy_client_cannot_starve_a_light_one(device):
     (h,) = device("fair", _osc(latency_call_s=0.03, max_rows=32))
     heavy = [h.forward.remote(_x(480), THETA, "heavy") for _ in range(3)]  # 45 full calls queued
-    time.sleep(0.05)
+    # Until all three have arrived: the light client must meet them queued (a device call takes 32 rows).
+    _wait_until(lambda: _arrived_rows(h, 32) >= 3 * 480, what="the heavy client's requests to arrive")
     light = DeviceClient("fair", client_id="light").connect()
     lat = []
     for _ in range(5):
@@ -282,6 +299,7 @@ def test_sweep_goes_on_when_its_device_actor_is_killed(ray_session, tmp_path, sq
         "devices": [{"name": "osc-kill", "system": _osc(n=16, latency_call_s=0.02), "max_restarts": 3}],
         "data": {"kind": "digits", "limit": 200},
         "train": {"method": "pat", "device": "osc-kill", "epochs": 1, "batch_size": 32,
+                  "encoder": {"kind": "downsample", "size": [4, 4]},  # 64 digit pixels -> 16 inputs
                   "seed": {"grid": [0, 1]}},
         "sweep": {"name": "killed", "trial_cpus": 1, "storage_path": str(tmp_path / "ray_results")},
         "tracking": {"experiment": "killed"},
