@@ -176,3 +176,30 @@ def test_split_raw_never_puts_a_sample_in_two_splits():
     parts = split_raw(Raw(x, y), DataConfig(kind="file", path="unused.npz"))
     seen = [set(map(tuple, parts[k])) for k in ("x_train", "x_val", "x_test")]
     assert sum(len(s) for s in seen) == 200 and len(set.union(*seen)) == 200
+
+
+def test_the_fashion_example_config_checks_against_a_fashion_folder(tiny_fashion):
+    """examples/fashion_pat.yaml (the PAT authors' network) passes --check's fit test: patches of the
+    28x28 images into the 100-oscillator device, zero-padded into the 1610-oscillator one."""
+    import yaml
+
+    from farm.config import parse_config
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / "fashion_pat.yaml").read_text())
+    raw["data"]["path"] = str(tiny_fashion)
+    raw["data"]["limit"] = None
+    cfg = parse_config(raw)
+    assert [layer.device for layer in cfg_layers(cfg)] == ["patch_osc", "class_osc"]
+    raw["train"]["layers"][1]["connect"] = "tile"  # still fits (1600 <= 1610)
+    parse_config(raw)
+    raw["devices"][1]["system"]["n"] = 1500  # 1600 outputs do not fit 1500 inputs: refused
+    from farm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="1600 outputs of the previous layer do not fit its 1500 inputs"):
+        parse_config(raw)
+
+
+def cfg_layers(cfg):
+    from trainers.config import PATConfig
+
+    return PATConfig.model_validate({k: v for k, v in cfg.train.items() if k != "lr"} | {"lr": 0.001}).layers
