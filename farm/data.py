@@ -17,12 +17,13 @@ keeps the same meaning; tabular features per feature by the training split's min
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from trainers.datashape import DataShape
 
 from .datasources import (FASHION_MNIST_DIR, FASHION_MNIST_INSTALL, DataError, Raw, call_function,
                           check_idx, read_file, read_idx_folder, read_mnist_sample, read_vowels)
@@ -70,15 +71,6 @@ class DataConfig(BaseModel):
         if self.kind == "fashion_mnist" and not self.path:
             return Path(FASHION_MNIST_DIR)
         return Path(self.path).expanduser().resolve() if self.path else None
-
-
-@dataclass(frozen=True)
-class DataShape:
-    """What a config's data look like, known before anything is trained (for --check)."""
-
-    n_features: int
-    n_classes: int
-    image_shape: tuple[int, int] | None
 
 
 def read_raw(cfg: DataConfig) -> Raw:

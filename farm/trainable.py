@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from ray import tune
 
-from trainers.registry import method
+from trainers.registry import method, retune_state
 
 from .client import DeviceClient
 from .data import DataConfig, load_dataset
@@ -60,23 +60,6 @@ def load_checkpoint(checkpoint: tune.Checkpoint | None) -> tuple[dict | None, di
         acc = Path(folder) / "accounting.json"
         accounting = json.loads(acc.read_text()) if acc.exists() else {}
     return state, accounting
-
-
-def apply_config_to_state(state: dict, config) -> dict:
-    """PBT restores a trial from a checkpoint with a mutated config: the optimiser states in the
-    checkpoint must take the new learning rates (torch's load_state_dict would bring back the old)."""
-    groups = []
-    for key, lr_field in (("optimizer", "lr"), ("optimizers", "lr"), ("readout_optimizer", "readout_lr")):
-        value = state.get(key)
-        lr = getattr(config, lr_field, None)
-        if value is None or lr is None:
-            continue
-        for opt_state in value if isinstance(value, list) else [value]:
-            if isinstance(opt_state, dict):
-                groups += [(g, lr) for g in opt_state.get("param_groups", [])]
-    for group, lr in groups:
-        group["lr"] = float(lr)
-    return state
 
 
 def test_predictions(data, state: dict | None) -> tuple | None:
@@ -171,7 +154,7 @@ def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: b
         tune.report(final)
         return
     if state is not None and pbt:
-        state = apply_config_to_state(state, train_cfg)
+        state = retune_state(state, train_cfg)  # PBT's mutated learning rates into the checkpoint
 
     def sink(metrics: dict, folder: Path | None) -> None:
         if folder is None:

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from actors.errors import DeviceError, EnvelopeError
-from actors.protocol import PhysicalSystem
 from actors.systems.registry import BUILTIN, build_system
+from actors.testing import (SystemContract, check_drift_moves_outputs_over_calls, check_envelope_and_nonfinite_refused,
+                            check_fault_rate_honoured, check_ideal_model, check_latency_honoured,
+                            check_rows_are_independent_without_noise, check_seeded_determinism,
+                            check_shapes_and_dtypes, inputs)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 if str(EXAMPLES) not in sys.path:
@@ -84,125 +86,39 @@ def make(recorded_file):
         server.stop()
 
 
-def inputs(spec, rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    (xl, xh), (pl, ph) = spec.input_range, spec.param_range
-    x = xl + (xh - xl) * torch.rand(rows, spec.n_inputs, generator=gen)
-    theta = pl + (ph - pl) * torch.rand(spec.n_params, generator=gen)
-    return x, theta
-
-
-def scale_of(y: torch.Tensor) -> float:
-    return max(1e-3, float(y.abs().max()))
+def _bound(make, name: str):
+    return lambda **knobs: make(name, **knobs)
 
 
 @pytest.mark.parametrize("name", SYSTEMS)
 def test_shapes_and_dtypes(make, name):
-    d = make(name, seed=0)
-    assert isinstance(d, PhysicalSystem)
-    spec = d.spec
-    assert spec.n_outputs >= 10
-    x, theta = inputs(spec, 5)
-    y = d.forward(x, theta)
-    assert isinstance(y, torch.Tensor) and y.dtype == torch.float32
-    assert y.shape == (5, spec.n_outputs) and torch.isfinite(y).all()
-    y_rows = d.forward(x.numpy().astype(np.float64), theta.expand(5, -1).contiguous())  # per-row theta, numpy x
-    assert y_rows.shape == (5, spec.n_outputs) and y_rows.dtype == torch.float32
+    check_shapes_and_dtypes(_bound(make, name))
 
 
 @pytest.mark.parametrize("name", SYSTEMS)
 def test_envelope_and_nonfinite_refused(make, name):
-    d = make(name, seed=0)
-    spec = d.spec
-    x, theta = inputs(spec, 4)
-    lo, hi = spec.input_range
-    bad = x.clone()
-    bad[2, 1] = hi + 0.5
-    with pytest.raises(EnvelopeError, match=rf"x value .* outside the input range \[{lo}, {hi}\]"):
-        d.forward(bad, theta)
-    bad = x.clone()
-    bad[0, 0] = float("nan")
-    with pytest.raises(EnvelopeError, match="x contains a non-finite value"):
-        d.forward(bad, theta)
-    with pytest.raises(EnvelopeError, match="x must have shape"):
-        d.forward(x[:, :-1], theta)
-    if spec.n_params:
-        plo, phi = spec.param_range
-        bad_t = theta.clone()
-        bad_t[-1] = plo - 1.0
-        with pytest.raises(EnvelopeError, match=rf"theta value .* outside the parameter range \[{plo}, {phi}\]"):
-            d.forward(x, bad_t)
-        bad_t[-1] = float("inf")
-        with pytest.raises(EnvelopeError, match="theta contains a non-finite value"):
-            d.forward(x, bad_t)
-    assert torch.isfinite(d.forward(x, theta)).all()  # a refusal leaves the device usable
+    check_envelope_and_nonfinite_refused(_bound(make, name))
 
 
 @pytest.mark.parametrize("name", SYSTEMS)
 def test_seeded_determinism(make, name):
-    drift = 0.0 if name in NO_DRIFT else 1.0
-    a, b = make(name, seed=7, drift=drift), make(name, seed=7, drift=drift)
-    x, theta = inputs(a.spec, 6, seed=1)
-    for _ in range(3):
-        assert torch.equal(a.forward(x, theta), b.forward(x, theta))
-    c = make(name, seed=8, drift=drift)
-    assert not torch.equal(make(name, seed=7, drift=drift).forward(x, theta), c.forward(x, theta))
+    check_seeded_determinism(_bound(make, name), drifts=name not in NO_DRIFT)
 
 
 @pytest.mark.parametrize("name", SYSTEMS)
 def test_rows_are_independent_without_noise(make, name):
-    d = make(name, seed=0, noise=0.0)
-    spec = d.spec
-    x, theta = inputs(spec, 8, seed=2)
-    gen = torch.Generator().manual_seed(3)
-    pl, ph = spec.param_range
-    thetas = pl + (ph - pl) * torch.rand(8, spec.n_params, generator=gen)  # a different theta per row
-    y = d.forward(x, thetas)
-    tol = 1e-5 * scale_of(y)
-    for i in (0, 3, 7):
-        alone = d.forward(x[i : i + 1], thetas[i])
-        assert torch.allclose(y[i], alone[0], rtol=1e-5, atol=tol), (name, i, (y[i] - alone[0]).abs().max())
+    check_rows_are_independent_without_noise(_bound(make, name))
 
 
 @pytest.mark.parametrize("name", SYSTEMS)
 def test_ideal_model_equals_clean_device_and_is_differentiable(make, name):
-    d = make(name, seed=5, mismatch=0.0, noise=0.0, drift=0.0)
-    spec = d.spec
-    x, theta = inputs(spec, 6, seed=4)
-    model = d.ideal_model()
-    assert isinstance(model, torch.nn.Module)
-    y_dev = d.forward(x, theta)
-    y_ideal = model(x, theta)
-    assert y_ideal.shape == y_dev.shape
-    assert torch.allclose(y_dev, y_ideal.detach().float(), rtol=1e-5, atol=1e-5 * scale_of(y_dev)), \
-        (y_dev - y_ideal).abs().max()
-    xg = x.clone().requires_grad_(True)
-    tg = theta.clone().requires_grad_(True)
-    w = torch.randn(y_dev.shape, generator=torch.Generator().manual_seed(0))
-    gx, gt = torch.autograd.grad((model(xg, tg) * w).sum(), [xg, tg])
-    assert torch.isfinite(gx).all() and torch.isfinite(gt).all()
-    assert gx.abs().sum() + gt.abs().sum() > 0
-    if name not in ("instrument", "recorded"):  # a mismatched device differs from its own ideal model
-        mism = make(name, seed=5, noise=0.0)
-        assert not torch.allclose(mism.forward(x, theta), mism.ideal_model()(x, theta).detach(), atol=1e-6)
+    # an instrument serves the device, a recorded fit is its own model: neither differs from it
+    check_ideal_model(_bound(make, name), mismatched=name not in ("instrument", "recorded"))
 
 
 @pytest.mark.parametrize("name", [s for s in SYSTEMS if s not in NO_DRIFT])
 def test_drift_moves_outputs_over_calls(make, name):
-    x, theta = None, None
-    for drift, should_move in ((0.0, False), (10.0, True)):
-        d = make(name, seed=2, noise=0.0, drift=drift)
-        if x is None:
-            x, theta = inputs(d.spec, 4, seed=5)
-        first = d.forward(x, theta)
-        for _ in range(40):
-            d.forward(x[:1], theta)
-        later = d.forward(x, theta)
-        moved = float((later - first).abs().max())
-        if should_move:
-            assert moved > 1e-4 * scale_of(first), (name, moved)
-        else:
-            assert moved == 0.0, (name, moved)
+    check_drift_moves_outputs_over_calls(_bound(make, name))
 
 
 def test_drift_by_wall_time():
@@ -218,30 +134,19 @@ def test_drift_by_wall_time():
 
 @pytest.mark.parametrize("name", SYSTEMS)
 def test_fault_rate_honoured(make, name):
-    d = make(name, seed=11, fault_rate=0.3)
-    x, theta = inputs(d.spec, 1)
-    faults = 0
-    for _ in range(200):
-        try:
-            d.forward(x, theta)
-        except DeviceError:
-            faults += 1
-    assert 30 <= faults <= 90, faults  # 60 expected; binomial std 6.5
-    assert torch.isfinite(make(name, seed=11).forward(x, theta)).all()
+    check_fault_rate_honoured(_bound(make, name))
 
 
 @pytest.mark.parametrize("name", SYSTEMS)
 def test_latency_honoured(make, name):
-    d = make(name, seed=0, latency_call_s=0.02, latency_row_s=0.001)
-    x, theta = inputs(d.spec, 10)
-    d.forward(x, theta)  # warm-up (connects, fits)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        d.forward(x, theta)
-        times.append(time.perf_counter() - t0)
-    assert min(times) >= 0.030 - 0.001, times
-    assert min(times) <= 0.030 + 0.06, times
+    check_latency_honoured(_bound(make, name))
+
+
+class TestTheShippedSuiteOnAUserSystem(SystemContract):
+    """actors.testing's suite as a lab would use it, on the third-party example system."""
+
+    def make(self, **knobs):
+        return build_system({"kind": "mylab.devices:Spectrometer", **knobs})
 
 
 def test_default_sizes_read_ten_classes():

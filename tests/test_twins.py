@@ -150,3 +150,16 @@ def test_scheduled_refresh_every_k_epochs():
     twin = TwinConfig(kind="calibrated", samples=128, thetas=4, steps=10, cache=False, refresh_every=2)
     r = train_pat(PATConfig(epochs=4, batch_size=50, twin=twin, encoder=DOWN), device, data)
     assert [m["twin_refreshed"] for m in r.history] == [0, 1, 0, 1]
+
+
+def test_twin_keeper_constructor_does_no_io(tmp_path):
+    """Constructing the keeper measures nothing; obtain() fits (and counts those calls)."""
+    from trainers.config import TwinConfig
+    from trainers.twin_keeper import TwinKeeper
+
+    device = Counting(Oscillators(n=4, seed=1))
+    keeper = TwinKeeper(TwinConfig(kind="calibrated", samples=64, thetas=4, steps=5, cache_dir=str(tmp_path)),
+                        device)
+    assert device.calls == 0 and keeper.twin is None
+    keeper.obtain()
+    assert device.calls > 0 and keeper.calls == device.calls and keeper.twin is not None

@@ -7,13 +7,15 @@
 """
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
 
 from .config import DigitalConfig
-from .pat import make_optimizer, restore, result_of, train_insilico
+from .checkpoint import restore, training_state
+from .optim import make_optimizer
+from .pat import train_insilico
+from .results import result_of
 from .selection import Selection, evaluate, final_pass
 from .types import Dataset, Report, TrainResult
 
@@ -42,6 +44,7 @@ def digital_hidden(target: int, n_features: int, n_classes: int, depth: int) -> 
 class MLP(torch.nn.Module):
     def __init__(self, n_features: int, hidden: int, depth: int, n_classes: int):
         super().__init__()
+        self.hidden = hidden
         layers: list[torch.nn.Module] = []
         width = n_features
         for _ in range(depth):
@@ -61,22 +64,12 @@ def train_digital(config: DigitalConfig, device, data: Dataset, report: Report |
     torch.set_num_threads(config.torch_threads)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    hidden = config.hidden
-    if hidden is None:
-        if device is None:
-            hidden = 64
-        else:
-            target = pnn_param_count(device.spec, data.n_classes, config.pnn_layers)
-            hidden = digital_hidden(target, data.n_features, data.n_classes, config.depth)
-    model = MLP(data.n_features, hidden, config.depth, data.n_classes)
+    model = digital_network(config, device, data.shape)
+    hidden = model.hidden
     n_weights = sum(p.numel() for p in model.parameters())
-    opt = make_optimizer(config.optimizer, model.parameters(), config.lr)
-    if config.weight_decay:
-        for group in opt.param_groups:
-            group["weight_decay"] = config.weight_decay
-    history, start_epoch = restore(state, model, opt, gen)
+    opt = digital_optimizers(model, config)["main"]
+    history, start_epoch = restore(state, model, {"main": opt}, gen)
     selection = Selection((state or {}).get("selection"))
-    resolved = config.model_dump(mode="json")
     loss_fn = torch.nn.CrossEntropyLoss()
     n = data.x_train.shape[0]
     for epoch in range(start_epoch + 1, config.epochs + 1):
@@ -102,16 +95,45 @@ def train_digital(config: DigitalConfig, device, data: Dataset, report: Report |
                    "n_weights": n_weights, "hidden": hidden,
                    "n_physical_params": 0, "n_digital_params": n_weights}
         final: dict = {}
-        weights = copy.deepcopy(model.state_dict())  # this epoch's: what a resume continues from
+        weights = model.state_dict()  # this epoch's: what a resume continues from (copied below)
         if epoch == config.epochs and config.final_test:  # the one pass over the test split
             final = final_pass(selection, model.load_state_dict,
                                lambda: model(data.x_test).argmax(dim=1), data.y_test)
             metrics.update({k: v for k, v in final.items() if k != "test_predictions"})
         history.append(metrics)
-        state = {"model": weights, "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                 "history": history, "epoch": epoch, "selection": selection.state(), "config": resolved}
-        if final:
-            state["test_predictions"] = final["test_predictions"]
+        state = training_state(model, {"main": opt}, gen, history, epoch, selection, config, weights=weights,
+                               **({"test_predictions": final["test_predictions"]} if final else {}))
         if report is not None:
             report(dict(metrics), state)
     return result_of(history, selection, state or {}, model)
+
+
+# ---- the trainer contract (trainers.registry) --------------------------------------------------------
+def digital_network(config: DigitalConfig, device, shape) -> MLP:
+    """The MLP of a digital config: `hidden`, or sized like the PNN on `device` (64 without one)."""
+    hidden = config.hidden
+    if hidden is None:
+        if device is None:
+            hidden = 64
+        else:
+            target = pnn_param_count(device.spec, shape.n_classes, config.pnn_layers)
+            hidden = digital_hidden(target, shape.n_features, shape.n_classes, config.depth)
+    return MLP(shape.n_features, hidden, config.depth, shape.n_classes)
+
+
+def digital_optimizers(model: MLP, config: DigitalConfig) -> dict[str, torch.optim.Optimizer]:
+    opt = make_optimizer(config.optimizer, model.parameters(), config.lr)
+    if config.weight_decay:
+        for group in opt.param_groups:
+            group["weight_decay"] = config.weight_decay
+    return {"main": opt}
+
+
+def digital_lrs(config: DigitalConfig) -> dict[str, float]:
+    return {"main": config.lr}
+
+
+@torch.no_grad()
+def digital_predict(model: MLP, x: torch.Tensor, config: DigitalConfig, device=None) -> torch.Tensor:
+    model.eval()
+    return model(x).argmax(dim=1)

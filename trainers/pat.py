@@ -1,173 +1,25 @@
 """`train_pat`: physics-aware training of a PNN on any device; runs with or without Ray Tune.
 
-Also `train_insilico` (the in-silico baseline: the same network trained on the twin alone, evaluated
-on the device), which shares this loop. Twins come from `trainers.twins` (`PATConfig.twin`).
+`train_insilico` (the in-silico baseline: the same network trained on the twin alone, evaluated on
+the device) runs the same loop with the twin in the device's place (`OnTwin`). Twins come from
+`trainers.twins` (`PATConfig.twin`) and are kept by `trainers.twin_keeper`.
 """
 from __future__ import annotations
 
-import copy
-import math
 import time
-from collections import deque
 from collections.abc import Mapping
 
 import torch
 
+from .checkpoint import restore, selected_weights, training_state
 from .config import InSilicoConfig, PATConfig
 from .metering import MeteredDevice
 from .networks import PNN
+from .optim import epoch_lr, make_optimizer
+from .results import result_of
 from .selection import Selection, evaluate, final_pass, predict_labels
-from .twins import Twin, nrmse, obtain_twin, refit, twin_from_state, twin_state
-from .types import Dataset, Report, TrainResult
-
-PROBE_BATCHES = 4  # training minibatches per layer kept as the probe of twin vs device
-
-
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9)
-
-
-def restore(state: dict | None, model: torch.nn.Module, opt: torch.optim.Optimizer,
-            gen: torch.Generator) -> tuple[list[dict], int]:
-    """Load a checkpointed training state in place; returns (history so far, last finished epoch).
-    The optimizer's state holds the scheduled learning rate too. No state: ([], 0)."""
-    if state is None:
-        return [], 0
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    gen.set_state(state["generator"])
-    return list(state["history"]), int(state["epoch"])
-
-
-def epoch_lr(config, epoch: int) -> float:
-    """The learning rate of `epoch` (1-based): constant, or cosine from lr down to lr/20."""
-    if getattr(config, "lr_schedule", "constant") != "cosine" or config.epochs <= 1:
-        return config.lr
-    frac = (epoch - 1) / (config.epochs - 1)
-    low = config.lr / 20
-    return low + 0.5 * (config.lr - low) * (1 + math.cos(math.pi * frac))
-
-
-class TwinDevice:
-    """A twin posing as the device (the `Device` protocol): in-silico training measures on it."""
-
-    def __init__(self, twin: torch.nn.Module, spec):
-        self.twin = twin
-        self._spec = spec
-
-    @property
-    def spec(self):
-        return self._spec
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        return self.twin(x, theta).to(torch.float32)
-
-
-class TwinKeeper:
-    """Obtains a trainer's twin (given, from a saved state, from the cache or fitted now), probes it
-    against the device during training and refits it on drift or on schedule."""
-
-    def __init__(self, config: PATConfig, device: MeteredDevice, given: torch.nn.Module | None,
-                 saved: dict | None, init_width: float | None = None):
-        self.cfg = config.twin
-        self.layers: list = []
-        self.device = device
-        spec = device.spec
-        self.refreshes = 0
-        self.calls = 0  # device calls spent on the twin (fit, verification, refits)
-        self.ref_probe: float | None = None  # probe error in the first epoch after the last fit
-        self.gen = torch.Generator().manual_seed(self.cfg.seed + 1)  # refresh data
-        self.given = given is not None
-        ideal = getattr(device, "ideal_model", None)
-        if given is not None:
-            self.twin = copy.deepcopy(given) if isinstance(given, Twin) else given
-        elif saved is not None and (saved.get("twin") or {}).get("config") is not None:
-            self.twin = twin_from_state(saved["twin"], spec, ideal)
-        else:
-            lo, hi = spec.param_range
-            centre = torch.full((spec.n_params,), (lo + hi) / 2)
-            width = max(config.theta_init_scale if init_width is None else init_width, self.cfg.focus_width)
-            extra = {"init_width": width} if self.cfg.focus > 0 else None
-            got = obtain_twin(device, self.cfg, centres=[centre], width=width, extra_key=extra)
-            self.twin, self.calls = got.twin, got.calls
-        if saved is not None and saved.get("twin_keeper"):
-            k = saved["twin_keeper"]
-            self.refreshes, self.calls, self.ref_probe = k["refreshes"], k["calls"], k["ref_probe"]
-            self.gen.set_state(k["generator"])
-        self.records: list[deque] = []
-
-    @property
-    def refittable(self) -> bool:
-        return isinstance(self.twin, Twin) and self.twin.kind != "ideal" and self.cfg.fitted
-
-    def error(self) -> float | None:
-        info = getattr(self.twin, "info", {}) or {}
-        return info.get("error")
-
-    def start_epoch(self, layers: list) -> None:
-        """Start probing the twin on `layers` (the physical layers on this keeper's device)."""
-        self.layers = layers
-        self.records = [deque(maxlen=PROBE_BATCHES) for _ in layers]
-        for layer in layers:
-            layer.record = True
-
-    def after_step(self) -> None:
-        for rec, layer in zip(self.records, self.layers):
-            if layer.last is not None:
-                rec.append(layer.last)
-
-    @torch.no_grad()
-    def probe(self) -> float | None:
-        """Twin vs device on the last measured minibatches of each layer (no extra device calls)."""
-        errors = []
-        for rec in self.records:
-            if not rec:
-                continue
-            pred = torch.cat([self.twin(x, theta) for x, theta, _ in rec])
-            meas = torch.cat([y for _, _, y in rec])
-            errors.append(nrmse(pred, meas))
-        return sum(errors) / len(errors) if errors else None
-
-    def maybe_refresh(self, epoch: int, probe: float | None) -> bool:
-        """Refit if the schedule says so or the probe error grew past the thresholds."""
-        if self.ref_probe is None and probe is not None:
-            self.ref_probe = probe
-            due = False
-        else:
-            due = False
-            if probe is not None and self.cfg.refresh_ratio > 0 and self.ref_probe:
-                due = probe > self.cfg.refresh_ratio * self.ref_probe
-            if probe is not None and self.cfg.refresh_threshold is not None:
-                due = due or probe > self.cfg.refresh_threshold
-        if self.cfg.refresh_every and epoch % self.cfg.refresh_every == 0:
-            due = True
-        if not (due and self.refittable):
-            return False
-        centres = [layer.theta.detach().clone() for layer in self.layers]
-        inputs = [x for rec in self.records for x, _, _ in rec]
-        got = refit(self.twin, self.device, self.cfg, self.gen, centres,
-                    torch.cat(inputs) if inputs else None)
-        self.calls += got["calls"]
-        self.refreshes += 1
-        self.ref_probe = None  # the next epoch's probe is the new reference
-        return True
-
-    def metrics(self) -> dict:
-        out = {"twin_refreshes": self.refreshes, "twin_calls": self.calls}
-        err = self.error()
-        if err is not None:
-            out["twin_error"] = float(err)
-        return out
-
-    def state(self) -> dict:
-        # A twin built from the config can be rebuilt from its state alone; one given to the trainer
-        # is saved too (for people), but resuming needs it given again.
-        return {"twin": twin_state(self.twin, None if self.given else self.cfg),
-                "twin_keeper": {"refreshes": self.refreshes, "calls": self.calls, "ref_probe": self.ref_probe,
-                                "generator": self.gen.get_state()}}
+from .twin_keeper import TwinDevice, TwinKeeper
+from .types import Dataset, DataShape, Report, TrainResult
 
 
 def layer_devices(config: PATConfig, device) -> list:
@@ -182,6 +34,16 @@ def layer_devices(config: PATConfig, device) -> list:
     return [device] * len(names)
 
 
+def build_pnn(config: PATConfig, devices: list, twins: list, shape: DataShape,
+              generator: torch.Generator | None = None) -> PNN:
+    """The network a PAT config describes, on one device (and twin) per layer."""
+    return PNN(devices, twins, shape.n_features, shape.n_classes, n_layers=config.n_layers,
+               theta_init_scale=config.layer_init_scales(), readout_scale=config.readout_scale,
+               generator=generator, hybrid=config.hybrid, input_window=config.input_window,
+               image_shape=shape.image_shape, encoder=config.encoder, connects=config.layer_connects(),
+               readout=config.readout)
+
+
 def hflip(x: torch.Tensor, image_shape, gen: torch.Generator) -> torch.Tensor:
     """Mirror a random half of the images in x[B, H*W] left-right (training augmentation)."""
     if image_shape is None:
@@ -192,39 +54,43 @@ def hflip(x: torch.Tensor, image_shape, gen: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None], img.flip(2), img).reshape(x.shape)
 
 
-class PATRun:
-    """Everything one PAT (or in-silico) training holds: the devices (metered), one twin keeper per
-    distinct device, and the network. Built once, before the first epoch."""
+class PNNRun:
+    """What one PAT (or in-silico) training holds: its devices (metered), one twin keeper per distinct
+    device, and the network. Building it measures nothing; `obtain_twins()` may."""
 
-    def __init__(self, config: PATConfig, device, data: Dataset, state: dict | None,
-                 twin: torch.nn.Module | None, gen: torch.Generator):
+    def __init__(self, config: PATConfig, device, state: dict | None, twin: torch.nn.Module | None):
         raw = layer_devices(config, device)
         self.distinct: list = []  # the distinct raw devices, in layer order
         for d in raw:
             if not any(d is seen for seen in self.distinct):
                 self.distinct.append(d)
+        self.index = [next(i for i, seen in enumerate(self.distinct) if d is seen) for d in raw]  # layer -> device
         self.metered = [MeteredDevice(d) for d in self.distinct]
-        index = [next(i for i, seen in enumerate(self.distinct) if d is seen) for d in raw]
         scales = config.layer_init_scales()
         saved = (state or {}).get("twins") or [None] * len(self.distinct)
-        self.keepers = []
-        for k, m in enumerate(self.metered):
-            width = max(s for s, i in zip(scales, index) if i == k)
-            self.keepers.append(TwinKeeper(config, m, twin, saved[k], init_width=width))
-        self.index = index  # layer -> distinct device
-        self.twin_fit_calls = sum(m.calls for m in self.metered)  # twin measurements before epoch 1
-        self.model = PNN([self.metered[i] for i in index], [self.keepers[i].twin for i in index],
-                         data.n_features, data.n_classes, n_layers=config.n_layers, theta_init_scale=scales,
-                         readout_scale=config.readout_scale, generator=gen, hybrid=config.hybrid,
-                         input_window=config.input_window, image_shape=data.image_shape,
-                         encoder=config.encoder, connects=config.layer_connects(), readout=config.readout)
+        self.keepers = [TwinKeeper(config.twin, m, twin, saved[k],
+                                   init_width=max(s for s, i in zip(scales, self.index) if i == k))
+                        for k, m in enumerate(self.metered)]
+        self.model: PNN | None = None
+        self.sims: list[TwinDevice] = []
+
+    def obtain_twins(self) -> int:
+        """Each device's twin (measuring where a fit is needed); returns the device calls spent."""
+        for keeper in self.keepers:
+            keeper.obtain()
         self.sims = [TwinDevice(k.twin, m.spec) for k, m in zip(self.keepers, self.metered)]
+        return sum(m.calls for m in self.metered)
+
+    def build(self, config: PATConfig, shape: DataShape, gen: torch.Generator) -> PNN:
+        self.model = build_pnn(config, [self.metered[i] for i in self.index],
+                               [self.keepers[i].twin for i in self.index], shape, gen)
+        return self.model
 
     def on_device(self) -> None:
         self.model.set_device([self.metered[i] for i in self.index])
 
     def on_twin(self) -> None:
-        """In-silico: every layer measures its twin instead of its device."""
+        """Every layer measures its twin instead of its device."""
         self.model.set_device([self.sims[i] for i in self.index])
 
     def calls(self) -> int:
@@ -232,28 +98,6 @@ class PATRun:
 
     def rows(self) -> int:
         return sum(m.rows for m in self.metered)
-
-    def start_epoch(self) -> None:
-        for k, keeper in enumerate(self.keepers):
-            keeper.start_epoch([layer for layer, i in zip(self.model.layers, self.index) if i == k])
-
-    def after_step(self) -> None:
-        for keeper in self.keepers:
-            keeper.after_step()
-
-    def end_epoch(self, epoch: int) -> dict:
-        """Probe each twin on the epoch's last minibatches, refit where due; the metrics of that."""
-        self.model.record(False)
-        probes, refreshed = [], 0
-        for keeper in self.keepers:
-            probe = keeper.probe()
-            refreshed += int(keeper.maybe_refresh(epoch, probe))
-            if probe is not None:
-                probes.append(probe)
-        out: dict = {"twin_refreshed": refreshed}
-        if probes:
-            out["twin_probe_error"] = sum(probes) / len(probes)
-        return out
 
     def twin_metrics(self) -> dict:
         parts = [k.metrics() for k in self.keepers]
@@ -268,37 +112,81 @@ class PATRun:
         return {"twins": [k.state() for k in self.keepers]}
 
 
+class OnDevice:
+    """PAT: the forward pass measures the device; each epoch the twins are probed against it on the
+    last minibatches and refitted where due."""
+
+    def prepare(self, run: PNNRun) -> None:
+        run.on_device()
+
+    def start_epoch(self, run: PNNRun) -> None:
+        for k, keeper in enumerate(run.keepers):
+            keeper.start_epoch([layer for layer, i in zip(run.model.layers, run.index) if i == k])
+
+    def after_step(self, run: PNNRun) -> None:
+        for keeper in run.keepers:
+            keeper.after_step()
+
+    def end_epoch(self, run: PNNRun, epoch: int, data: Dataset, config: PATConfig) -> dict:
+        run.model.record(False)
+        probes, refreshed = [], 0
+        for keeper in run.keepers:
+            probe = keeper.probe()
+            refreshed += int(keeper.maybe_refresh(epoch, probe))
+            if probe is not None:
+                probes.append(probe)
+        out: dict = {"twin_refreshed": refreshed}
+        if probes:
+            out["twin_probe_error"] = sum(probes) / len(probes)
+        return out
+
+
+class OnTwin:
+    """In-silico: the network trains on its twins (forward and backward); validation and the test
+    pass still measure the device (what the twin believed is `val_accuracy_twin`)."""
+
+    def prepare(self, run: PNNRun) -> None:
+        run.on_twin()
+
+    def start_epoch(self, run: PNNRun) -> None:
+        run.on_twin()
+
+    def after_step(self, run: PNNRun) -> None:
+        pass
+
+    def end_epoch(self, run: PNNRun, epoch: int, data: Dataset, config: PATConfig) -> dict:
+        run.model.eval()
+        twin_acc = evaluate(run.model, data.x_val, data.y_val, config.eval_batch_size)[0]
+        run.on_device()
+        return {"val_accuracy_twin": twin_acc}
+
+
 def _train(config: PATConfig, device, data: Dataset, report: Report | None, state: dict | None,
-           twin: torch.nn.Module | None, insilico: bool) -> TrainResult:
+           twin: torch.nn.Module | None, mode) -> TrainResult:
     torch.set_num_threads(config.torch_threads)
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    run = PATRun(config, device, data, state, twin, gen)
-    model = run.model
+    run = PNNRun(config, device, state, twin)
+    twin_fit_calls = run.obtain_twins()  # twin measurements before the first epoch
+    model = run.build(config, data.shape, gen)
     if state is None and config.rescale_init == "data":
         # calibrate the rescalings on the first training rows, measured where the network will train
-        if insilico:
-            run.on_twin()
+        mode.prepare(run)
         model.data_init(data.x_train[: max(config.batch_size, 32)])
-        run.on_device()
+    run.on_device()
     opt = make_optimizer(config.optimizer, model.parameters(), config.lr)
-    history, start_epoch = restore(state, model, opt, gen)
+    history, start_epoch = restore(state, model, {"main": opt}, gen)
     selection = Selection((state or {}).get("selection"))
     counts = model.param_counts()
-    resolved = config.model_dump(mode="json")
     loss_fn = torch.nn.CrossEntropyLoss()
     n = data.x_train.shape[0]
-    final: dict = {}
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.monotonic()
         calls0, rows0 = run.calls(), run.rows()
         for group in opt.param_groups:
             group["lr"] = epoch_lr(config, epoch)
         model.train()
-        if insilico:
-            run.on_twin()
-        else:
-            run.start_epoch()
+        mode.start_epoch(run)
         perm = torch.randperm(n, generator=gen)
         total_loss, correct = 0.0, 0
         for i in range(0, n, config.batch_size):
@@ -312,15 +200,11 @@ def _train(config: PATConfig, device, data: Dataset, report: Report | None, stat
             loss.backward()
             opt.step()
             model.project()  # theta never leaves the safe envelope
-            if not insilico:
-                run.after_step()
+            mode.after_step(run)
             total_loss += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
-        extra: dict = {} if insilico else run.end_epoch(epoch)
+        extra = mode.end_epoch(run, epoch, data, config)
         model.eval()
-        if insilico:
-            extra["val_accuracy_twin"] = evaluate(model, data.x_val, data.y_val, config.eval_batch_size)[0]
-            run.on_device()
         val_acc, val_loss = evaluate(model, data.x_val, data.y_val, config.eval_batch_size)  # on the device
         selection.offer(epoch, val_acc, val_loss, model.state_dict())
         metrics = {
@@ -339,9 +223,10 @@ def _train(config: PATConfig, device, data: Dataset, report: Report | None, stat
             **run.twin_metrics(),
             **counts,
         }
-        if epoch == start_epoch + 1 and run.twin_fit_calls and state is None:
-            metrics["twin_fit_calls"] = run.twin_fit_calls
-        weights = copy.deepcopy(model.state_dict())  # this epoch's: what a resume continues from
+        if epoch == start_epoch + 1 and twin_fit_calls and state is None:
+            metrics["twin_fit_calls"] = twin_fit_calls
+        weights = model.state_dict()  # this epoch's: what a resume continues from (copied below)
+        final: dict = {}
         if epoch == config.epochs and config.final_test:  # the one pass over the test split
             final = final_pass(selection, model.load_state_dict,
                                lambda: predict_labels(model, data.x_test, config.eval_batch_size), data.y_test)
@@ -349,17 +234,14 @@ def _train(config: PATConfig, device, data: Dataset, report: Report | None, stat
             # the epoch's device use includes its test pass
             metrics.update(device_calls=run.calls() - calls0, device_rows=run.rows() - rows0)
         history.append(metrics)
-        state = {"model": weights, "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                 "history": history, "epoch": epoch, "selection": selection.state(), "config": resolved,
-                 **run.twin_states()}
-        if final:
-            state["test_predictions"] = final["test_predictions"]
+        state = training_state(model, {"main": opt}, gen, history, epoch, selection, config, weights=weights,
+                               **run.twin_states(),
+                               **({"test_predictions": final["test_predictions"]} if final else {}))
         if report is not None:
             report(dict(metrics), state)
     if state is None or "twins" not in state:  # nothing trained (epochs already done): still hand back
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                 "history": history, "epoch": start_epoch, "selection": selection.state(), "config": resolved,
-                 **run.twin_states()}
+        state = training_state(model, {"main": opt}, gen, history, start_epoch, selection, config,
+                               **run.twin_states())
     if history and "test_accuracy" not in history[-1] and start_epoch >= config.epochs and config.final_test:
         # resumed with its epochs done but never tested (e.g. `epochs` lowered to end a long run early)
         model.eval()
@@ -371,22 +253,6 @@ def _train(config: PATConfig, device, data: Dataset, report: Report | None, stat
         if report is not None:
             report(dict(history[-1]), state)
     return result_of(history, selection, state, model)
-
-
-def result_of(history: list[dict], selection: Selection, state: dict, model: torch.nn.Module) -> TrainResult:
-    """The TrainResult of a finished (or already finished) training: test accuracy from its final pass."""
-    last = history[-1] if history else {}
-    if hasattr(model, "physical_params"):  # a PNN: theta_<layer>, then its digital weights
-        params = {k: v.numpy() for k, v in model.physical_params().items()}
-        params.update({k.replace(".", "_"): v.detach().numpy().copy() for k, v in model.named_parameters()
-                       if "theta" not in k})
-    else:  # everything the network holds (PhyLL's fixed theta and calibration are buffers)
-        params = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    best = selection.best or {}
-    return TrainResult(test_accuracy=float(last.get("test_accuracy", math.nan)),
-                       val_accuracy=float(best.get("val_accuracy", math.nan)),
-                       best_epoch=int(best.get("epoch", 0)), train_accuracy=float(last.get("train_accuracy", math.nan)),
-                       epochs=len(history), history=history, params=params, state=state)
 
 
 def train_pat(config: PATConfig, device, data: Dataset, report: Report | None = None,
@@ -403,7 +269,7 @@ def train_pat(config: PATConfig, device, data: Dataset, report: Report | None = 
     the last epoch the weights of the best validation epoch are measured once on the test split
     (`test_accuracy`, `selected_epoch`; predicted labels in the state's `test_predictions`).
     """
-    return _train(config, device, data, report, state, twin, insilico=False)
+    return _train(config, device, data, report, state, twin, OnDevice())
 
 
 def train_insilico(config: InSilicoConfig, device, data: Dataset, report: Report | None = None,
@@ -413,4 +279,26 @@ def train_insilico(config: InSilicoConfig, device, data: Dataset, report: Report
     simulation-reality gap shows there); `val_accuracy_twin` is the same network on the twin;
     `train_accuracy` is on the twin. The device is used only to obtain the twin (if fitted), to
     validate and for the final test pass."""
-    return _train(config, device, data, report, state, twin, insilico=True)
+    return _train(config, device, data, report, state, twin, OnTwin())
+
+
+# ---- the trainer contract (trainers.registry) --------------------------------------------------------
+def pnn_network(config: PATConfig, device, shape: DataShape) -> PNN:
+    """The network of a PAT or in-silico config on `device`, for loading a checkpoint's weights and
+    predicting (the forward pass needs the devices only; no twin is obtained)."""
+    devices = layer_devices(config, device)
+    return build_pnn(config, devices, [None] * len(devices), shape)
+
+
+@torch.no_grad()
+def pnn_predict(net: PNN, x: torch.Tensor, config: PATConfig, device=None) -> torch.Tensor:
+    """Predicted labels of x, measured on the devices the network was built on."""
+    net.eval()
+    return predict_labels(net, x, config.eval_batch_size)
+
+
+def pnn_lrs(config: PATConfig) -> dict[str, float]:
+    return {"main": config.lr}
+
+
+__all__ = ["train_pat", "train_insilico", "pnn_network", "pnn_predict", "pnn_lrs", "selected_weights"]

@@ -41,7 +41,6 @@ Measurements are redone every epoch, so the blocks follow a drifting device.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from typing import Literal
@@ -53,7 +52,9 @@ from .config import TrainerConfig
 from .encoders import EncoderConfig, build_encoder
 from .metering import MeteredDevice
 from .networks import tile_to
-from .pat import make_optimizer, result_of
+from .checkpoint import restore, training_state
+from .optim import make_optimizer
+from .results import result_of
 from .selection import Selection, final_pass
 from .types import Dataset, Report, TrainResult
 
@@ -307,25 +308,14 @@ def train_phyll(config: PhyLLConfig, device, data: Dataset, report: Report | Non
     rows_per_call = max(1, min(spec.max_rows, config.eval_batch_size))
     net = PhyLLNet(spec, config, data.n_features, data.n_classes, gen, data.image_shape)
     decay = config.weight_decay
-    opts = [make_optimizer(config.optimizer, b.parameters(), config.lr) for b in net.blocks]
-    readout_opt = (torch.optim.Adam(net.readout.parameters(), lr=config.readout_lr)
-                   if net.readout is not None else None)
+    optimizers = phyll_optimizers(net, config)
+    opts = [optimizers[f"block{b}"] for b in range(len(net.blocks))]
+    readout_opt = optimizers.get("readout")
     n = data.x_train.shape[0]
     n_train_eval = min(config.train_eval_size, n)
     train_eval_idx = torch.randperm(n, generator=gen)[:n_train_eval]
-    history: list[dict] = []
-    start_epoch = 0
+    history, start_epoch = restore(state, net, optimizers, gen)
     selection = Selection((state or {}).get("selection"))
-    resolved = config.model_dump(mode="json")
-    if state is not None:
-        net.load_state_dict(state["model"])
-        for opt, s in zip(opts, state["optimizers"]):
-            opt.load_state_dict(s)
-        if readout_opt is not None:
-            readout_opt.load_state_dict(state["readout_optimizer"])
-        gen.set_state(state["generator"])
-        history = list(state["history"])
-        start_epoch = int(state["epoch"])
 
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.monotonic()
@@ -403,7 +393,7 @@ def train_phyll(config: PhyLLConfig, device, data: Dataset, report: Report | Non
         }
         metrics.update({f"loss_block{b}": v for b, v in enumerate(block_losses)})
         final: dict = {}
-        weights = copy.deepcopy(net.state_dict())  # this epoch's: what a resume continues from
+        weights = net.state_dict()  # this epoch's: what a resume continues from (copied below)
         if epoch == config.epochs and config.final_test:  # the one pass over the test split
             final = final_pass(selection, net.load_state_dict,
                                lambda: predict(net, metered, data.x_test, rows_per_call), data.y_test)
@@ -411,18 +401,35 @@ def train_phyll(config: PhyLLConfig, device, data: Dataset, report: Report | Non
             # the epoch's device use includes its test pass
             metrics.update(device_calls=metered.calls - calls0, device_rows=metered.rows - rows0)
         history.append(metrics)
-        state = copy.deepcopy({  # a snapshot: later epochs must not change a reported state
-            "model": weights,
-            "optimizers": [opt.state_dict() for opt in opts],
-            "readout_optimizer": readout_opt.state_dict() if readout_opt is not None else None,
-            "generator": gen.get_state(),
-            "history": history,
-            "epoch": epoch,
-            "selection": selection.state(),
-            "config": resolved,
-        })
-        if final:
-            state["test_predictions"] = final["test_predictions"]
+        state = training_state(net, optimizers, gen, history, epoch, selection, config, weights=weights,
+                               **({"test_predictions": final["test_predictions"]} if final else {}))
         if report is not None:
             report(dict(metrics), state)
     return result_of(history, selection, state, net)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trainer contract (trainers.registry)
+# ----------------------------------------------------------------------------------------------------
+def phyll_optimizers(net: PhyLLNet, config: PhyLLConfig) -> dict[str, torch.optim.Optimizer]:
+    """One optimiser per block ("block0", ...), and "readout" for the unsupervised readout."""
+    out = {f"block{b}": make_optimizer(config.optimizer, block.parameters(), config.lr)
+           for b, block in enumerate(net.blocks)}
+    if net.readout is not None:
+        out["readout"] = torch.optim.Adam(net.readout.parameters(), lr=config.readout_lr)
+    return out
+
+
+def phyll_lrs(config: PhyLLConfig) -> dict[str, float]:
+    return {**{f"block{b}": config.lr for b in range(config.n_blocks)}, "readout": config.readout_lr}
+
+
+def phyll_network(config: PhyLLConfig, device, shape) -> PhyLLNet:
+    """The network of a PhyLL config on `device` (its fixed theta and calibration come with the
+    weights of a checkpoint)."""
+    return PhyLLNet(device.spec, config, shape.n_features, shape.n_classes, torch.Generator().manual_seed(config.seed),
+                    shape.image_shape)
+
+
+def phyll_predict(net: PhyLLNet, x: torch.Tensor, config: PhyLLConfig, device) -> torch.Tensor:
+    return predict(net, device, x, max(1, min(device.spec.max_rows, config.eval_batch_size)))

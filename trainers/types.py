@@ -8,6 +8,8 @@ import torch
 
 from actors.spec import SystemSpec
 
+from .datashape import DataShape
+
 
 @runtime_checkable
 class Device(Protocol):
@@ -45,6 +47,10 @@ class Dataset:
     @property
     def n_features(self) -> int:
         return self.x_train.shape[1]
+
+    @property
+    def shape(self) -> DataShape:
+        return DataShape(self.n_features, self.n_classes, self.image_shape)
 
 
 # report(metrics, state): called once per epoch. `state` is everything needed to resume
