@@ -7,11 +7,16 @@ The cases join `bench.learning`'s table (`pat_cases(Case)` is called there), so 
 
 Every training runs in-process on a fresh local simulator with the system's default mismatch and
 noise (operating-point settings such as sizes or the spectrometer's full scale are named in each
-case's `system`); accuracy is measured on that device, never on the twin. Per run the details give
-test accuracy, epochs, device calls and seconds (all calls, twin measurements included), the twin's
-error (held-out, normalised RMS; for the ideal twin, measured on fresh data) and the per-epoch curve.
-Fitted twins are cached in a folder fresh for each invocation, so the first seed measures and fits
-the twin and the other seeds reuse it (as the trials of a sweep would).
+case's `system`); accuracy is measured on that device, never on the twin. Settings are chosen on
+validation only, among each case's `candidates` (bench.learning's module docstring: trainer seed 0,
+final_test off, highest selected validation accuracy; L6 chooses PAT's and in-silico's settings
+each by its own validation accuracy); then the chosen settings run with every seed, and each run
+measures the test split once, on its best-validation checkpoint. Per run the details give
+validation accuracy per epoch, the selected epoch, test accuracy, device calls and seconds (all
+calls, twin measurements included), the twin's error (held-out, normalised RMS; for the ideal twin,
+measured on fresh data). Fitted twins are cached in a folder fresh for each invocation, so the first
+run measures and fits the twin and the later ones (candidates and seeds) reuse it (as the trials of
+a sweep would).
 """
 from __future__ import annotations
 
@@ -44,10 +49,11 @@ def _device(system: dict) -> MeteredDevice:
     return MeteredDevice(build_system(dict(system)))
 
 
-def _config(case, seed: int, args, **overrides):
+def _config(train: dict, seed: int, args, final_test: bool = True, **overrides):
     from trainers.registry import method
 
-    train = {**case.train, "seed": seed, "torch_threads": max(1, int(getattr(args, "threads", 1))), **overrides}
+    train = {**train, "seed": seed, "final_test": final_test,
+             "torch_threads": max(1, int(getattr(args, "threads", 1))), **overrides}
     if args.quick:
         train["epochs"] = min(int(train.get("epochs", 5)), 2)
     twin = train.get("twin")
@@ -72,24 +78,32 @@ def _fresh_twin_error(twin, system: dict, thetas: int = 8, rows: int = 64) -> fl
     return twin_error(twin, collect(dev, sample_thetas(dev.spec, thetas, gen), rows, gen))
 
 
-def _run(case, args, seed: int, method_name: str | None = None, twin=None, system: dict | None = None) -> dict:
-    system = system or case.system
+def _saved_twin(result) -> dict:
+    """The twin state a run ended with (one device: the first keeper's), or {}."""
+    keepers = (result.state or {}).get("twins") or []
+    saved = keepers[0].get("twin") if keepers and isinstance(keepers[0], dict) else None
+    return saved if isinstance(saved, dict) else {}
+
+
+def _run(case, args, seed: int, overrides: dict | None = None, method_name: str | None = None, twin=None,
+         final_test: bool = True) -> dict:
+    """One training of the case's settings plus `overrides` (bench.learning.settings) on a fresh device."""
+    from bench.learning import run_record, settings
+
+    train, system = settings(case, overrides or {})
     data = _data(case, args)
     device = _device(system)
-    overrides = {"method": method_name} if method_name else {}
-    m, cfg = _config(case, seed, args, **overrides)
+    extra = {"method": method_name} if method_name else {}
+    m, cfg = _config(train, seed, args, final_test, **extra)
     t0 = time.monotonic()
     result = m.train(cfg, device, data, twin=twin)
     wall = time.monotonic() - t0
     last = result.history[-1]
-    saved = (result.state or {}).get("twin") or {}
-    info = saved.get("info", {}) if isinstance(saved, dict) else {}
+    info = _saved_twin(result).get("info", {})
     return {
         "method": cfg.method, "seed": seed,
-        "test_accuracy": result.test_accuracy,
-        "test_accuracy_twin": last.get("test_accuracy_twin"),
-        "train_accuracy": result.train_accuracy,
-        "epochs": result.epochs,
+        **run_record(result, final_test),
+        "val_accuracy_twin": last.get("val_accuracy_twin"),  # in-silico: the last epoch on its twin
         "wall_s": round(wall, 2),
         "device_calls": device.calls, "device_rows": device.rows, "device_s": round(device.seconds, 3),
         "device_calls_per_epoch": last.get("device_calls"),
@@ -99,70 +113,94 @@ def _run(case, args, seed: int, method_name: str | None = None, twin=None, syste
         "twin_cached": info.get("cached"),
         "twin_probe_error": last.get("twin_probe_error"),
         "twin_refreshes": last.get("twin_refreshes"),
-        "test_accuracy_by_epoch": [round(h["test_accuracy"], 4) for h in result.history],
         "_result": result,
+        "_system": system,
     }
 
 
 def _public(run: dict) -> dict:
-    return {k: v for k, v in run.items() if not k.startswith("_")}
+    return {k: v for k, v in run.items() if not k.startswith("_") and v is not None}
 
 
 def _seeds(case, args) -> tuple[int, ...]:
     return case.seeds[:1] if args.quick else case.seeds
 
 
-def _twin_of(run: dict, case, system: dict):
+def _twin_of(run: dict):
     """The twin a run trained with, rebuilt from its final state (no measurement)."""
     from actors.systems.registry import build_system
-    from trainers.twins import build_twin, twin_from_state
     from trainers.config import TwinConfig
+    from trainers.twins import build_twin, twin_from_state
 
-    state = run["_result"].state or {}
-    dev = build_system(dict(system))
-    if state.get("twin") is not None:
-        return twin_from_state(state["twin"], dev.spec, dev.ideal_model)
+    saved = _saved_twin(run["_result"])
+    dev = build_system(dict(run["_system"]))
+    if saved.get("config") is not None:
+        return twin_from_state(saved, dev.spec, dev.ideal_model)
     return build_twin(TwinConfig(), dev.spec, dev.ideal_model)
 
 
 # ---- one function per kind of figure ----------------------------------------------------------------
 def pat_accuracy(case, args) -> dict:
-    """PAT test accuracy on the device, median over trainer seeds."""
+    """PAT: settings chosen on validation, then test accuracy on the device, median over seeds."""
+    from bench.learning import SELECT_SEED, candidates_of, choose, selection_details
+
+    chosen, table = choose(candidates_of(case, args),
+                           lambda ov: _public(_run(case, args, SELECT_SEED, ov, final_test=False)))
     runs = []
     for seed in _seeds(case, args):
-        run = _run(case, args, seed)
-        run["twin_error_fresh"] = round(_fresh_twin_error(_twin_of(run, case, case.system), case.system), 4)
+        run = _run(case, args, seed, chosen)
+        run["twin_error_fresh"] = round(_fresh_twin_error(_twin_of(run), run["_system"]), 4)
         runs.append(run)
     value = statistics.median(r["test_accuracy"] for r in runs)
     return {"value": value, "met": value >= case.threshold,
             "details": {"runs": [_public(r) for r in runs], "median_over": "trainer seeds",
                         "twin_error": "normalised RMS error: held-out (fitted twins) and on fresh "
                                       "uniform measurements (twin_error_fresh)",
-                        "system": case.system, "data": case.data, "train": case.train}}
+                        **selection_details(case, chosen, table, args)}}
 
 
 def pat_minus_insilico(case, args) -> dict:
-    """L6: per trainer seed, PAT's device accuracy minus in-silico training's device accuracy, both
-    with the same twin (the one PAT's config names, obtained once), median over seeds."""
+    """L6: PAT's and in-silico training's settings each chosen by its own validation accuracy (on the
+    device), both with the same twin (the one the operating point names, obtained once); then per
+    trainer seed, PAT's test accuracy minus in-silico's, both on the device, median over seeds."""
     from actors.systems.registry import build_system
+    from bench.learning import SELECT_SEED, candidates_of, choose, selection_details
     from trainers.twins import obtain_twin
 
-    _, cfg = _config(case, 0, args)
+    cands = candidates_of(case, args)
+    if any("twin" in c or "system" in c for c in cands):
+        raise ValueError(f"{case.id}: candidates must share the twin and the device (PAT vs in-silico, same twin)")
+    _, cfg = _config(case.train, SELECT_SEED, args)
     twin = obtain_twin(MeteredDevice(build_system(dict(case.system))), cfg.twin).twin
     twin_err = _fresh_twin_error(twin, case.system)
+    chosen, tables = {}, {}
+    for name in ("pat", "insilico"):
+        chosen[name], tables[name] = choose(
+            cands, lambda ov, name=name: _public(_run(case, args, SELECT_SEED, ov, name, twin=twin, final_test=False)))
     pairs = []
     for seed in _seeds(case, args):
-        pat = _run(case, args, seed, "pat", twin=twin)
-        sil = _run(case, args, seed, "insilico", twin=twin)
+        pat = _run(case, args, seed, chosen["pat"], "pat", twin=twin)
+        sil = _run(case, args, seed, chosen["insilico"], "insilico", twin=twin)
         pairs.append({"seed": seed, "pat": _public(pat), "insilico": _public(sil),
                       "difference": pat["test_accuracy"] - sil["test_accuracy"]})
     value = statistics.median(p["difference"] for p in pairs)
+    per_method = {name: selection_details(case, chosen[name], tables[name], args) for name in ("pat", "insilico")}
+    for name, det in per_method.items():
+        det["train"] = {**det["train"], "method": name}
     return {"value": value, "met": value >= case.threshold,
             "details": {"pairs": pairs, "median_over": "trainer seeds (paired)",
                         "twin": {"kind": twin.kind, "info": {k: v for k, v in twin.info.items()
                                                              if isinstance(v, (int, float, str, bool))},
                                  "error_fresh": round(twin_err, 4)},
-                        "system": case.system, "data": case.data, "train": case.train}}
+                        "selection": {"rule": per_method["pat"]["selection"]["rule"] + "; PAT and in-silico "
+                                      "each by its own validation accuracy (both measured on the device)",
+                                      "pat": per_method["pat"]["selection"],
+                                      "insilico": per_method["insilico"]["selection"],
+                                      "chosen_overrides": {n: per_method[n]["selection"]["chosen_overrides"]
+                                                           for n in per_method}},
+                        "operating_point": per_method["pat"]["operating_point"],
+                        "train": {n: per_method[n]["train"] for n in per_method},
+                        "system": case.system, "data": case.data}}
 
 
 def pat_oracle(case, args) -> dict:
@@ -272,23 +310,39 @@ ORACLE_SYSTEMS = {"systems": {"oscillators": [{"n": 8}, {"n": 64}], "shg": [{}],
                               "circuit": [{}]}}
 
 
+# Candidates (chosen among on validation, bench.learning): the operating point above, its learning rate
+# x 0.5 and x 2, and for the cheap cases one or two more neighbours. L3 and L4 (minutes per run) get the
+# learning rates only. L6 must keep the twin and the device of its operating point (PAT vs in-silico
+# with one twin), so its candidates change trainer settings only.
+def _candidates(train: dict, *extra: dict) -> tuple[dict, ...]:
+    from bench.learning import lr_neighbours
+
+    return lr_neighbours(train, *extra)
+
+
 def pat_cases(Case) -> list:
     """The PAT rows of the learning bench, as `Case`s of bench.learning."""
+    shg_extra = ({"batch_size": 16},)
     return [
         Case("L1", "PAT, oscillators, digits", pat_accuracy, ">= 0.95", 0.95,
-             system=OSC, data={"kind": "digits"}, train=L1_TRAIN),
+             system=OSC, data={"kind": "digits"}, train=L1_TRAIN,
+             candidates=_candidates(L1_TRAIN, {"lr_schedule": "cosine"}, {"batch_size": 64})),
         Case("L2-digits", "PAT, shg, digits", pat_accuracy, ">= 0.93", 0.93,
-             system=SHG_DIGITS, data={"kind": "digits"}, train=SHG_DIGITS_TRAIN),
+             system=SHG_DIGITS, data={"kind": "digits"}, train=SHG_DIGITS_TRAIN,
+             candidates=_candidates(SHG_DIGITS_TRAIN, *shg_extra)),
         Case("L2-vowels", "PAT, shg, vowels", pat_accuracy, ">= 0.90", 0.90,
-             system=SHG, data={"kind": "vowels"}, train=SHG_TRAIN),
+             system=SHG, data={"kind": "vowels"}, train=SHG_TRAIN,
+             candidates=_candidates(SHG_TRAIN, *shg_extra)),
         Case("L3", "PAT, plate, digits", pat_accuracy, ">= 0.87", 0.87,
-             system=PLATE, data={"kind": "digits"}, train=PLATE_TRAIN),
+             system=PLATE, data={"kind": "digits"}, train=PLATE_TRAIN, candidates=_candidates(PLATE_TRAIN)),
         Case("L4", "PAT, circuit, digits", pat_accuracy, ">= 0.90", 0.90,
-             system=CIRCUIT, data={"kind": "digits"}, train=CIRCUIT_TRAIN),
+             system=CIRCUIT, data={"kind": "digits"}, train=CIRCUIT_TRAIN, candidates=_candidates(CIRCUIT_TRAIN)),
         Case("L6-oscillators", "PAT minus in-silico (same twin), oscillators, digits", pat_minus_insilico,
-             ">= +0.05", 0.05, system=OSC, data={"kind": "digits"}, train=L6_OSC_TRAIN),
+             ">= +0.05", 0.05, system=OSC, data={"kind": "digits"}, train=L6_OSC_TRAIN,
+             candidates=_candidates(L6_OSC_TRAIN)),
         Case("L6-shg", "PAT minus in-silico (same twin), shg, vowels", pat_minus_insilico,
-             ">= +0.05", 0.05, system=SHG, data={"kind": "vowels"}, train=SHG_TRAIN),
+             ">= +0.05", 0.05, system=SHG, data={"kind": "vowels"}, train=SHG_TRAIN,
+             candidates=_candidates(SHG_TRAIN, *shg_extra)),
         Case("L7", "PAT gradients vs autograd when device == twin (all systems)", pat_oracle, "< 1e-6", 1e-6,
              system=ORACLE_SYSTEMS, train={"method": "pat"}, seeds=(0,), unit="max abs difference"),
     ]
