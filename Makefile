@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/physfarm sweep examples/quickstart.yaml
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

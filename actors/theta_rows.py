@@ -18,14 +18,8 @@ def accepts_shared_theta(system) -> bool:
     """Whether `system.forward` may be called with one theta[n_params] for all rows (broadcast by the
     system) instead of theta[rows, n_params]. A system says so with a class attribute
     `accepts_shared_theta = True`; the simulators (`SimulatedSystem`, whose forward broadcasts a 1-D
-    theta) do by default. Any other system (user systems, instruments) gets the documented
-    theta[rows, n_params]."""
-    flag = getattr(system, "accepts_shared_theta", None)
-    if flag is not None:
-        return bool(flag)
-    from .systems.base import SimulatedSystem  # here: the simulators import this module
-
-    return isinstance(system, SimulatedSystem)
+    theta) do. Any other system (user systems, instruments) gets the documented theta[rows, n_params]."""
+    return bool(getattr(system, "accepts_shared_theta", False))
 
 
 def expand_rows(theta: torch.Tensor, rows: int) -> torch.Tensor:

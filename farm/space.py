@@ -35,7 +35,7 @@ def is_sampler(value: Any) -> bool:
     return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in FORMS
 
 
-def _check(path: str, form: str, args: Any) -> None:
+def check_sampler(path: str, form: str, args: Any) -> None:
     bad = ConfigError(f"{path}: '{form}' needs {FORMS[form]}, got {args!r}")
     if form in ("grid", "choice"):
         if not isinstance(args, list) or not args:
@@ -52,7 +52,7 @@ def _check(path: str, form: str, args: Any) -> None:
         raise bad
 
 
-def _to_tune(form: str, args: list):
+def to_tune(form: str, args: list):
     if form == "grid":
         return tune.grid_search(args)
     if form == "choice":
@@ -67,7 +67,7 @@ def samplers(section: dict, prefix: str) -> dict[str, tuple[str, list]]:
         path = f"{prefix}.{key}"
         if is_sampler(value):
             form, args = next(iter(value.items()))
-            _check(path, form, args)
+            check_sampler(path, form, args)
             found[path] = (form, args)
         elif isinstance(value, dict):
             found.update(samplers(value, path))
@@ -101,7 +101,7 @@ def to_param_space(section: dict) -> dict:
     for key, value in section.items():
         if is_sampler(value):
             form, args = next(iter(value.items()))
-            out[key] = _to_tune(form, args)
+            out[key] = to_tune(form, args)
         elif isinstance(value, dict):
             out[key] = to_param_space(value)
         else:

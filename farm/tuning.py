@@ -17,7 +17,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from .errors import ConfigError
-from .space import FORMS, _check, _to_tune, is_sampler
+from .space import FORMS, check_sampler, is_sampler, to_tune
 from .trainspec import for_method, methods_of, resolved_config, trial_device
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ def mutation_space(sched: SchedulerSettings) -> dict[str, tuple[str, list]]:
             if form == "grid":
                 raise ConfigError(f"{here}: 'grid' cannot be mutated; use a list of values or one of "
                                   f"{', '.join(f for f in FORMS if f != 'grid')}")
-            _check(here, form, args)
+            check_sampler(here, form, args)
             found[f"train.{key}"] = (form, args)
         else:
             raise ConfigError(f"{here}: give a list of values or a search space "
@@ -174,7 +174,7 @@ def _mutations_to_tune(node: dict) -> dict:
     for key, value in node.items():
         if is_sampler(value):
             form, args = next(iter(value.items()))
-            out[key] = _to_tune(form, args)
+            out[key] = to_tune(form, args)
         elif isinstance(value, dict):
             out[key] = _mutations_to_tune(value)
         else:

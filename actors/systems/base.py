@@ -89,6 +89,7 @@ class SimulatedSystem:
     """Base class of the simulators (shares code; callers depend on the `PhysicalSystem` protocol)."""
 
     config_class: type[SimConfig] = SimConfig
+    accepts_shared_theta = True  # forward broadcasts a theta[n_params] itself (actors.theta_rows)
 
     def __init__(self, config: SimConfig | dict | None = None, **overrides):
         if config is None or isinstance(config, dict):

@@ -233,7 +233,6 @@ class Recorded(SimulatedSystem):
             (f, getattr(cfg, f)) for f in fields)
 
     def _fit(self) -> None:
-        cfg = self.config
         key = self._fit_key()
         with _CACHE_LOCK:
             hit = _CACHE.get(key)

@@ -7,27 +7,39 @@ importable where it runs (on PYTHONPATH or installed), in the driver and in Ray 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel
 
-from ..instrument.client import Instrument
-from .cavity import Cavity
-from .circuit import Circuit
-from .oscillators import Oscillators
-from .plate import Plate
-from .recorded import Recorded
-from .shg import Shg
 
-BUILTIN: dict[str, type] = {
-    "oscillators": Oscillators,
-    "shg": Shg,
-    "plate": Plate,
-    "circuit": Circuit,
-    "cavity": Cavity,
-    "recorded": Recorded,
-    "instrument": Instrument,
-}
+class _Builtin(Mapping):
+    """kind -> class of the systems physfarm ships, each imported when first asked for (so that
+    importing the registry imports no simulator, and the instrument client, which builds its twin's
+    simulator through this registry, and the registry do not import each other)."""
+
+    PATHS = {
+        "oscillators": "actors.systems.oscillators:Oscillators",
+        "shg": "actors.systems.shg:Shg",
+        "plate": "actors.systems.plate:Plate",
+        "circuit": "actors.systems.circuit:Circuit",
+        "cavity": "actors.systems.cavity:Cavity",
+        "recorded": "actors.systems.recorded:Recorded",
+        "instrument": "actors.instrument.client:Instrument",
+    }
+
+    def __getitem__(self, kind: str) -> type:
+        module_name, _, attr = self.PATHS[kind].partition(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+    def __iter__(self):
+        return iter(self.PATHS)
+
+    def __len__(self) -> int:
+        return len(self.PATHS)
+
+
+BUILTIN: Mapping[str, type] = _Builtin()
 
 
 def system_class(kind: str) -> type:

@@ -89,7 +89,7 @@ def file_lock(path: Path):
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _save(path: Path, state: dict) -> None:
+def save_atomic(path: Path, state: dict) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(state, tmp)
     os.replace(tmp, path)  # atomic: a reader never sees half a file

@@ -10,7 +10,7 @@ import torch
 
 from ..config import TwinConfig
 from .data import TwinData, split, twin_error
-from .models import MLPModel, Twin, _ideal_of, _mlp_of
+from .models import MLPModel, Twin, ideal_of, mlp_of
 
 
 def _affine_residual(pred: torch.Tensor, y: torch.Tensor) -> float:
@@ -27,7 +27,7 @@ def scan_constants(twin: Twin, data: TwinData, scan: dict, max_rows: int = 256) 
     value on its grid, (low, high, points) then `points` again within one step of the best, that best
     explains the measurements up to per-output gain and offset (`_affine_residual`). In order, one at
     a time. Returns the chosen values."""
-    ideal = _ideal_of(twin)
+    ideal = ideal_of(twin)
     if ideal is None:
         raise ValueError(f"twin.scan needs a 'calibrated' or 'residual' twin, not '{twin.kind}'")
     k, r = data.x.shape[:2]
@@ -72,7 +72,7 @@ def fit(twin: Twin, data: TwinData, config: TwinConfig, gen: torch.Generator, st
     t0 = time.monotonic()
     steps = config.steps if steps is None else steps
     train, held = split(data, config.holdout, gen)
-    mlp = _mlp_of(twin)
+    mlp = mlp_of(twin)
     y_flat = train.y.reshape(-1, train.y.shape[-1])
     if mlp is not None and not warm:
         if isinstance(twin.model, MLPModel):

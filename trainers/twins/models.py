@@ -161,7 +161,7 @@ def twin_from_state(state: dict, spec, ideal_model=None) -> Twin:
     return twin
 
 
-def _mlp_of(twin: Twin) -> MLPModel | None:
+def mlp_of(twin: Twin) -> MLPModel | None:
     if isinstance(twin.model, MLPModel):
         return twin.model
     if isinstance(twin.model, ResidualModel):
@@ -169,7 +169,7 @@ def _mlp_of(twin: Twin) -> MLPModel | None:
     return None
 
 
-def _ideal_of(twin: Twin) -> torch.nn.Module | None:
+def ideal_of(twin: Twin) -> torch.nn.Module | None:
     if isinstance(twin.model, CalibratedModel):
         return twin.model.ideal
     if isinstance(twin.model, ResidualModel):

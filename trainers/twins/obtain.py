@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import TwinConfig
-from .cache import _save, cache_dir, cache_key, file_lock
+from .cache import save_atomic, cache_dir, cache_key, file_lock
 from .data import collect, measure_data, sample_thetas, twin_error
 from .fit import fit
 from .models import Twin, build_twin, twin_from_state, twin_state
@@ -75,7 +75,7 @@ def obtain_twin(device, config: TwinConfig, centres: list[torch.Tensor] | None =
                     return Obtained(twin, calls, True, {"error": twin.error})
         got = fit_new(device, config, spec, gen, centres, width)
         got.twin.info.update(cache_key=key, cached=False)
-        _save(path, twin_state(got.twin, config))
+        save_atomic(path, twin_state(got.twin, config))
         return got
 
 
