@@ -1,19 +1,33 @@
-"""A durable journal of MLflow writes, so a tracking outage loses nothing and stalls no training.
+"""A durable, append-only log of operations on a store that may be down, replayed in order once it answers.
 
-Every MLflow write of a sweep (create a run, params/metrics/tags, text and file artifacts, a trial's
-outcome, terminate) goes through `TrackingJournal.call`. While the store answers, the write is done
-at once. When it fails because the store is unreachable or erroring, the write, and every later one
-(so that their order is kept), is appended to `<sweep folder>/mlflow_journal.jsonl` (one JSON object
-per line, fsynced) with copies of the files it needs in `mlflow_journal_files/`. Later writes retry
-the store with exponential backoff; once it answers, the journal is replayed in order.
+The journal knows nothing of what its operations do. An op is a JSON-able dict whose "op" key names it;
+the journal is handed `apply(op, replay)`, which performs one op on the store and returns its result,
+and `is_outage(err)`, which tells "the store could not do it now" (kept, retried later) from "the store
+refuses this" (raised to the caller; set aside during a replay, where no caller waits).
 
-Replay is idempotent, so a write replayed twice (a crash between replaying and trimming the journal)
-changes nothing:
-  - a run created during the outage has a placeholder id (`pending-<hex>`); its creation is replayed
-    as find-or-create (by the trial's tags, or the unique `physfarm.write_id` tag), and the
-    placeholder -> run id map is kept in `mlflow_journal_refs.json`;
-  - metrics keep the timestamp they were taken at: MLflow's store skips an identical metric point;
-  - params, tags, artifacts (same path) and run status are overwritten with the same values.
+- While the store answers, `submit` applies an op at once and returns what `apply` returned.
+- When an op fails with an outage, that op and every later one (so that their order is kept) are
+  appended to `<folder>/<name>.jsonl`: one JSON object per line after a header line, fsynced before
+  `submit` returns, so an op is never acknowledged and then lost. Files an op reads are copied into
+  `<name>_files/<seq>/` (its caller may delete them: temporary folders, checkpoints Tune removes).
+  The user is told once per outage on the stream, with the journal's path.
+- Later submits (and `maybe_flush`, for callers that go quiet) retry the store with exponential
+  backoff; `flush` retries at once. When it answers, the kept ops are applied in order, the file is
+  trimmed as they go (removed once empty), and the user is told.
+- During a replay, an op the store refuses for good is set aside in `<name>_rejected.jsonl` and named
+  on the stream; it never blocks the ops behind it.
+
+Replay is idempotent provided `apply` is when told replay=True (an op may be applied twice: a crash
+between applying it and trimming the file). An op that creates something is submitted with
+creates=True: it carries a placeholder id (`pending-<hex>`, in op["ref"]), which `submit` hands back
+while the op is kept. Its replay maps the placeholder to what `apply` returned (the real id), kept in
+`<name>_refs.json`; a create whose placeholder is mapped already is not applied again, and every op
+applied afterwards has each string value equal to a mapped placeholder (at any depth) replaced by the
+real id.
+
+Constructing a journal does no I/O; `open()` reads what an earlier process left (pending ops, the
+placeholder map). Optuna's journal storage (an append-only log that a storage replays) has the same
+shape; this one adds the outage handling and placeholders.
 """
 from __future__ import annotations
 
@@ -23,51 +37,26 @@ import shutil
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-
-JOURNAL = "mlflow_journal.jsonl"
-REFS = "mlflow_journal_refs.json"
-FILES = "mlflow_journal_files"
-REJECTED = "mlflow_journal_rejected.jsonl"
 PLACEHOLDER = "pending-"
-WRITE_ID_TAG = "physfarm.write_id"
-
-# MLflow error codes that mean "the store could not do it now" (retry later), as opposed to a
-# request the store refuses (bad value), which would fail the same way on every retry.
-OUTAGE_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED",
-                "SERVICE_UNDER_MAINTENANCE", "ABORTED", "IO_ERROR", "BAD_REQUEST_TIMEOUT"}
+FORMAT = 1  # the header's "journal" field: bump when entries change incompatibly
 
 
-def is_outage(err: BaseException) -> bool:
-    """Did the write fail because the store is unreachable or erroring (not because it was refused)?"""
-    if isinstance(err, MlflowException):
-        return err.error_code in OUTAGE_CODES
-    if isinstance(err, (OSError, TimeoutError)):  # connection refused/reset, timeouts (requests' are OSErrors)
-        return True
+def read_header(path: str | Path) -> dict | None:
+    """A journal file's header (its first line: what the ops are for, e.g. the store), or None."""
     try:
-        from sqlalchemy.exc import DBAPIError
-    except ImportError:  # pragma: no cover - MLflow's SQL stores need sqlalchemy
-        return False
-    return isinstance(err, DBAPIError)  # a locked or unreachable database
+        with open(path) as fh:
+            header = json.loads(fh.readline())
+    except (OSError, ValueError):
+        return None
+    return header if isinstance(header, dict) and "journal" in header else None
 
 
-def limit_http_retries() -> None:
-    """MLflow's own HTTP retries (7 by default, backoff doubling from 2 s) would hold Tune's driver loop
-    for minutes per write while a server is down; the journal retries instead. A user's own settings win."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-
-
-def _fsync_write(path: Path, text: str) -> None:
+def fsync_write(path: Path, text: str) -> None:
+    """Replace a file's content atomically and durably (a kill leaves the old or the new, never half)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as fh:
         fh.write(text)
@@ -76,168 +65,187 @@ def _fsync_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-class TrackingJournal:
-    """MLflow writes of one sweep, done at once or kept and replayed (see the module's docstring)."""
+def _any_os_error(err: BaseException) -> bool:
+    return isinstance(err, (OSError, TimeoutError))
 
-    def __init__(self, uri: str, folder: str | Path, client: MlflowClient | None = None,
+
+class Journal:
+    """An append-only op log in `folder`, applied through `apply` (see the module's docstring).
+
+    name: the files' stem (`<name>.jsonl`, `<name>_refs.json`, `<name>_files/`, `<name>_rejected.jsonl`);
+    header: what the ops are for, written as the file's first line (read back by `read_header`);
+    probe: a cheap "does the store answer?" asked before a replay (None: the replay itself tells);
+    label, noun: how messages name the store and one op ("physfarm: <label>: ... 3 <noun>(s) kept").
+    """
+
+    def __init__(self, folder: str | Path, apply: Callable[[dict, bool], Any], *, name: str = "journal",
+                 header: dict | None = None, is_outage: Callable[[BaseException], bool] = _any_os_error,
+                 probe: Callable[[], bool] | None = None, label: str = "store", noun: str = "write",
                  stream=None, retry_min_s: float = 2.0, retry_max_s: float = 60.0):
-        self.uri = uri
         self.folder = Path(folder)
-        self.path = self.folder / JOURNAL
-        self.client = client or MlflowClient(tracking_uri=uri)
+        self.path = self.folder / f"{name}.jsonl"
+        self.refs_path = self.folder / f"{name}_refs.json"
+        self.files_dir = self.folder / f"{name}_files"
+        self.rejected_path = self.folder / f"{name}_rejected.jsonl"
+        self.apply = apply
+        self.header = {"journal": FORMAT, **(header or {})}
+        self.is_outage = is_outage
+        self.probe = probe
+        self.label = label
+        self.noun = noun
         self.stream = stream
         self.retry_min_s = retry_min_s
         self.retry_max_s = retry_max_s
+        self.replayed = 0  # ops replayed by this object
         self._lock = threading.RLock()
+        self._opened = False
         self._pending: list[dict] = []
-        self._refs: dict[str, str] = {}
+        self._refs: dict[str, Any] = {}
         self._seq = 0
         self._delay = retry_min_s
         self._next_try = 0.0
         self._told_down = False
         self._announced = False
         self._why = ""
-        self._open: set[str] = set()  # runs this process set RUNNING and has not ended (ids or placeholders)
-        self.trial_runs: dict[str, str] = {}  # trial id -> its child run (id or placeholder) in this process
-        self.replayed = 0  # writes replayed in this process
-        self._load()
 
-    # ------------------------------------------------------------------ state on disk
-    def _load(self) -> None:
-        refs = self.folder / REFS
-        if refs.exists():
-            try:
-                self._refs = json.loads(refs.read_text())
-            except ValueError:
-                self._refs = {}
-        if not self.path.exists():
-            return
-        for line in self.path.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:  # a line cut short by a kill mid-write: never acknowledged, so never relied on
-                continue
-            if "op" in entry:
-                self._pending.append(entry)
-                self._seq = max(self._seq, int(entry.get("seq", 0)) + 1)
+    # ------------------------------------------------------------------ opening
+    def open(self) -> Journal:
+        """Read the ops an earlier process kept and its placeholder map; returns the journal."""
+        with self._lock:
+            self._refs, self._pending, self._seq = {}, [], 0
+            if self.refs_path.exists():
+                try:
+                    self._refs = json.loads(self.refs_path.read_text())
+                except ValueError:  # cut short by a kill: the ops it maps are found again on replay
+                    self._refs = {}
+            if self.path.exists():
+                for line in self.path.read_text().splitlines():
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:  # a line cut short by a kill mid-write: never acknowledged
+                        continue
+                    if isinstance(entry, dict) and "op" in entry:
+                        self._pending.append(entry)
+                        self._seq = max(self._seq, int(entry.get("seq", 0)) + 1)
+            self._opened = True
+        return self
 
-    def _header(self) -> str:
-        return json.dumps({"journal": 1, "tracking_uri": self.uri}) + "\n"
+    def _require_open(self) -> None:
+        if not self._opened:
+            raise RuntimeError(f"journal {self.path}: not opened; call open() first (it reads the ops an "
+                               f"earlier process kept, which must be replayed before new ones)")
+
+    # ------------------------------------------------------------------ state
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def resolve(self, value: Any) -> Any:
+        """The real id for a placeholder whose create was replayed (any other value as it is)."""
+        return self._refs.get(value, value) if isinstance(value, str) else value
+
+    def _resolved(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self._refs.get(value, value)
+        if isinstance(value, list):
+            return [self._resolved(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self._resolved(v) for k, v in value.items()}
+        return value
+
+    def say(self, text: str) -> None:
+        print(f"physfarm: {self.label}: {text}", file=self.stream or sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ submitting
+    def submit(self, op: dict, *, creates: bool = False,
+               files: dict[str, str | Path | list[str | Path]] | None = None) -> Any:
+        """Apply `op` now, or keep it when the store is down (or ops are still kept before it).
+
+        creates: the op makes something whose id later ops name: it gets a placeholder (op["ref"]),
+        returned instead of `apply`'s result while it is kept.
+        files: {arg: path} (a file: op[arg] becomes the path of its copy) or {arg: [paths]} (op[arg]
+        becomes the folder holding their copies), copied only when the op is kept; a kept op's copies
+        are named relative to the journal's folder, so a journal moved elsewhere still replays.
+        Returns apply's result, or (kept) the placeholder for a create and None otherwise."""
+        if not isinstance(op, dict) or not isinstance(op.get("op"), str):
+            raise ValueError(f"journal op {op!r}: expected a dict whose 'op' key names the operation")
+        self._require_open()
+        with self._lock:
+            op = dict(op)
+            if creates:
+                op.setdefault("ref", PLACEHOLDER + uuid.uuid4().hex)
+            if self._pending:
+                self.maybe_flush()
+            if not self._pending:
+                try:
+                    return self.apply(self._resolved(op), False)
+                except Exception as err:  # noqa: BLE001 - classified: an outage is kept, a refusal raised
+                    if not self.is_outage(err):
+                        raise
+                    self._went_down(err)
+            self._keep(op, files or {})
+            self._announce()
+            return op["ref"] if creates else None
+
+    def _keep(self, op: dict, files: dict) -> None:
+        seq = self._seq
+        self._seq += 1
+        entry = {"seq": seq, "t": time.time(), **op}
+        if files:
+            for arg, paths in files.items():
+                if isinstance(paths, (str, Path)):
+                    entry[arg] = self._copy(seq, [Path(paths)])[0]
+                else:
+                    self._copy(seq, [Path(p) for p in paths])
+                    entry[arg] = f"{self.files_dir.name}/{seq}"
+            entry["files"] = sorted(files)
+        self._pending.append(entry)
+        self._append(entry)
+        if self._told_down and len(self._pending) in (100, 1000, 10000):
+            self.say(f"still unreachable; {len(self._pending)} {self.noun}s kept in {self.path}")
+
+    def _copy(self, seq: int, paths: list[Path]) -> list[str]:
+        dest = self.files_dir / str(seq)
+        dest.mkdir(parents=True, exist_ok=True)
+        out = []
+        for p in paths:
+            shutil.copy2(p, dest / p.name)
+            out.append(f"{self.files_dir.name}/{seq}/{p.name}")
+        return out
+
+    def _header_line(self) -> str:
+        return json.dumps(self.header) + "\n"
 
     def _append(self, entry: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         new = not self.path.exists()
         with open(self.path, "a") as fh:
             if new:
-                fh.write(self._header())
+                fh.write(self._header_line())
             fh.write(json.dumps(entry, default=str) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
     def _rewrite(self) -> None:
-        """Trim the journal to what is still pending (the file is removed once empty)."""
+        """Trim the file to what is still pending (removed, with the kept files, once empty)."""
         if not self._pending:
             if self.path.exists():
                 self.path.unlink()
-            shutil.rmtree(self.folder / FILES, ignore_errors=True)
+            shutil.rmtree(self.files_dir, ignore_errors=True)
             return
-        _fsync_write(self.path, self._header() + "".join(json.dumps(e, default=str) + "\n" for e in self._pending))
+        fsync_write(self.path, self._header_line()
+                    + "".join(json.dumps(e, default=str) + "\n" for e in self._pending))
         keep = {str(e["seq"]) for e in self._pending}
-        files = self.folder / FILES
-        if files.is_dir():
-            for sub in files.iterdir():
+        if self.files_dir.is_dir():
+            for sub in self.files_dir.iterdir():
                 if sub.name not in keep:
                     shutil.rmtree(sub, ignore_errors=True)
 
     def _save_refs(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        _fsync_write(self.folder / REFS, json.dumps(self._refs, indent=1))
+        fsync_write(self.refs_path, json.dumps(self._refs, indent=1))
 
-    # ------------------------------------------------------------------ public
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
-    def resolve(self, run: str | None) -> str | None:
-        """A run id for a placeholder once its creation was replayed (else the placeholder itself)."""
-        if run is None:
-            return None
-        return self._refs.get(run, run)
-
-    def note_open(self, run: str) -> None:
-        self._open.add(run)
-
-    def note_trial(self, trial_id: str, run: str) -> None:
-        self.trial_runs[trial_id] = run
-
-    def open_runs(self) -> list[str]:
-        return sorted(self._open)
-
-    def call(self, op: str, **args) -> Any:
-        """Do one write now, or keep it when the store is down. Returns what the write returns (a
-        create_run: the run id, or a placeholder while the store is down)."""
-        if op not in OPS:
-            raise ValueError(f"journal op '{op}': unknown; one of {sorted(OPS)}")
-        with self._lock:
-            if op == "create_run":
-                args.setdefault("ref", PLACEHOLDER + uuid.uuid4().hex)
-                args["tags"] = {**args.get("tags", {}), WRITE_ID_TAG: args["ref"]}
-                args.setdefault("start_time", int(time.time() * 1000))  # ms; a replayed run keeps it
-            if op in ("set_terminated",):
-                args.setdefault("end_time", int(time.time() * 1000))
-            if self._pending:
-                self.maybe_flush()
-            if not self._pending:
-                try:
-                    result = OPS[op](self, args, replay=False)
-                except Exception as err:  # noqa: BLE001 - classified: an outage is kept, a refusal raised
-                    if not is_outage(err):
-                        raise
-                    self._went_down(err)
-                else:
-                    self._track(op, args, args.get("run") or result)
-                    return result
-            self._keep(op, args)
-            self._announce()
-            self._track(op, args, args.get("run") or args.get("ref"))
-            return args["ref"] if op == "create_run" else None
-
-    def _track(self, op: str, args: dict, run: str | None) -> None:
-        if op in ("create_run",) or (op == "update_run" and args.get("status") == "RUNNING"):
-            self._open.add(run)
-        elif op == "set_terminated":
-            self._open.discard(run)
-
-    def _keep(self, op: str, args: dict) -> None:
-        seq = self._seq
-        self._seq += 1
-        entry = {"seq": seq, "op": op, "t": time.time(), **args}
-        # Files must outlive the write's caller (temp folders, checkpoints Tune deletes): copy them.
-        # Paths relative to the journal's folder, so a journal moved elsewhere still replays.
-        if op == "log_artifact":
-            entry["local_path"] = self._copy(seq, [Path(args["local_path"])])[0]
-        elif op == "outcome" and args.get("folder"):
-            src = Path(args["folder"])
-            names = [src / n for n in ("params.npz", "twin.pt", "predictions.npz") if (src / n).exists()]
-            self._copy(seq, names)
-            entry["folder"] = f"{FILES}/{seq}"
-        self._pending.append(entry)
-        self._append(entry)
-        if self._told_down and len(self._pending) in (100, 1000, 10000):
-            self._say(f"still unreachable; {len(self._pending)} MLflow writes kept in {self.path}")
-
-    def _copy(self, seq: int, paths: list[Path]) -> list[str]:
-        dest = self.folder / FILES / str(seq)
-        dest.mkdir(parents=True, exist_ok=True)
-        out = []
-        for p in paths:
-            shutil.copy2(p, dest / p.name)
-            out.append(f"{FILES}/{seq}/{p.name}")
-        return out
-
-    def _say(self, text: str) -> None:
-        print(f"physfarm: MLflow tracking store {self.uri}: {text}", file=self.stream or sys.stderr, flush=True)
-
+    # ------------------------------------------------------------------ outages
     def _went_down(self, err: BaseException) -> None:
         self._next_try = time.monotonic() + self._delay
         self._delay = min(self._delay * 2, self.retry_max_s)
@@ -247,54 +255,47 @@ class TrackingJournal:
             self._why = line[0][:200] if line else type(err).__name__
 
     def _announce(self) -> None:
-        """Told once per outage, after the first write is kept (so the count is right)."""
+        """Told once per outage, after its first op is kept (so the count is right)."""
         if self._told_down and not self._announced:
             self._announced = True
-            self._say(f"unreachable ({self._why}); training goes on. {len(self._pending)} MLflow write(s) kept "
-                      f"so far in {self.path}, replayed in order when it answers again (retrying with backoff)")
+            self.say(f"unreachable ({self._why}); training goes on. {len(self._pending)} {self.noun}(s) kept "
+                     f"so far in {self.path}, replayed in order when it answers again (retrying with backoff)")
 
-    def _reachable(self) -> bool:
-        if not self.uri.startswith(("http://", "https://")):
-            return True  # a database: the replay itself tells
-        try:
-            with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=3) as resp:
-                return resp.status == 200
-        except (urllib.error.URLError, OSError, ValueError):
-            return False
-
+    # ------------------------------------------------------------------ replay
     def maybe_flush(self) -> bool:
-        """Replay the journal if its backoff allows; True when nothing is pending afterwards."""
+        """Replay the kept ops if the backoff allows; True when nothing is pending afterwards."""
+        self._require_open()
         with self._lock:
             if not self._pending:
                 return True
             if time.monotonic() < self._next_try:
                 return False
-            return self._flush()
+            return self._replay()
 
     def flush(self, wait_s: float = 0.0, poll_s: float = 2.0) -> bool:
         """Replay now (ignoring the backoff), trying again for up to wait_s; True when nothing is pending."""
+        self._require_open()
         deadline = time.monotonic() + wait_s
         with self._lock:
             while True:
-                if not self._pending or self._flush():
+                if not self._pending or self._replay():
                     return True
                 if time.monotonic() + poll_s > deadline:
                     return False
                 time.sleep(poll_s)
 
-    def _flush(self) -> bool:
-        if not self._reachable():
+    def _replay(self) -> bool:
+        if self.probe is not None and not self.probe():
             self._went_down(ConnectionError("health check failed"))
             return False
         done = 0
         try:
             while self._pending:
                 entry = self._pending[0]
-                args = {k: v for k, v in entry.items() if k not in ("seq", "op", "t")}
                 try:
-                    OPS[entry["op"]](self, args, replay=True)
+                    self._apply_kept(entry)
                 except Exception as err:  # noqa: BLE001
-                    if is_outage(err):
+                    if self.is_outage(err):
                         raise
                     self._reject(entry, err)  # refused for good: set aside, never blocks the rest
                 self._pending.pop(0)
@@ -310,146 +311,27 @@ class TrackingJournal:
         self.replayed += done
         self._delay = self.retry_min_s
         if done:
-            self._say(f"answers again; replayed {done} kept MLflow writes from {self.path}")
+            self.say(f"answers again; replayed {done} kept {self.noun}s from {self.path}")
         self._told_down = self._announced = False
         return True
 
+    def _apply_kept(self, entry: dict) -> None:
+        ref = entry.get("ref")
+        if ref is not None and ref in self._refs:
+            return  # created already (replayed before a crash cut the trim short)
+        op = {k: v for k, v in entry.items() if k not in ("seq", "t", "files")}
+        op = self._resolved(op)
+        for arg in entry.get("files", ()):
+            if op.get(arg):
+                op[arg] = str(self.folder / op[arg])  # an absolute path stays as it is
+        result = self.apply(op, True)
+        if ref is not None:
+            self._refs[ref] = result
+            self._save_refs()
+
     def _reject(self, entry: dict, err: BaseException) -> None:
-        with open(self.folder / REJECTED, "a") as fh:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.rejected_path, "a") as fh:
             fh.write(json.dumps({**entry, "error": str(err)[:2000]}, default=str) + "\n")
-        self._say(f"refused a kept write ({entry['op']}: {str(err).splitlines()[0][:200]}); "
-                  f"set aside in {self.folder / REJECTED}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# The writes. Each takes (journal, args, replay) and must be idempotent when replay is True.
-# ----------------------------------------------------------------------------------------------------
-def _run(j: TrackingJournal, args: dict) -> str:
-    run = j.resolve(args["run"])
-    if run.startswith(PLACEHOLDER):
-        raise MlflowException(f"run {run} was never created", error_code="INVALID_STATE")
-    return run
-
-
-def _create_run(j: TrackingJournal, args: dict, replay: bool) -> str:
-    ref = args["ref"]
-    if replay:
-        if ref in j._refs:
-            return j._refs[ref]
-        match = args.get("match") or {WRITE_ID_TAG: ref}
-        flt = " and ".join(f"tags.`{k}` = '{j.resolve(v) if k != WRITE_ID_TAG else v}'" for k, v in match.items())
-        found = j.client.search_runs([args["experiment_id"]], filter_string=flt, max_results=1)
-        if found:
-            run_id = found[0].info.run_id
-            if args.get("reopen") and found[0].info.status != "RUNNING":
-                j.client.update_run(run_id, status="RUNNING")
-            j._refs[ref] = run_id
-            j._save_refs()
-            return run_id
-    # A tag naming a run created during the outage (the parent's id in a child) takes its real id.
-    tags = {k: j.resolve(v) if str(v).startswith(PLACEHOLDER) and k != WRITE_ID_TAG else v
-            for k, v in (args.get("tags") or {}).items()}
-    run = j.client.create_run(args["experiment_id"], run_name=args.get("run_name"), tags=tags,
-                              start_time=args.get("start_time"))
-    if replay:
-        j._refs[ref] = run.info.run_id
-        j._save_refs()
-    return run.info.run_id
-
-
-def _log_batch(j: TrackingJournal, args: dict, replay: bool) -> None:
-    run = _run(j, args)
-    metrics = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in args.get("metrics") or []]
-    params = [Param(k, str(v)) for k, v in args.get("params") or []]
-    tags = [RunTag(k, str(v)) for k, v in args.get("tags") or []]
-    for i in range(0, max(len(metrics), 1), 1000):  # MLflow's limits: 1000 metrics, 100 params per batch
-        if metrics[i:i + 1000]:
-            j.client.log_batch(run, metrics=metrics[i:i + 1000])
-    for i in range(0, len(params), 100):
-        j.client.log_batch(run, params=params[i:i + 100])
-    if tags:
-        j.client.log_batch(run, tags=tags)
-
-
-def _set_terminated(j: TrackingJournal, args: dict, replay: bool) -> None:
-    j.client.set_terminated(_run(j, args), args.get("status", "FINISHED"), end_time=args.get("end_time"))
-
-
-def _update_run(j: TrackingJournal, args: dict, replay: bool) -> None:
-    j.client.update_run(_run(j, args), status=args["status"])
-
-
-def _set_tag(j: TrackingJournal, args: dict, replay: bool) -> None:
-    value = str(args["value"])
-    j.client.set_tag(_run(j, args), args["key"], j.resolve(value) if value.startswith(PLACEHOLDER) else value)
-
-
-def _log_text(j: TrackingJournal, args: dict, replay: bool) -> None:
-    j.client.log_text(_run(j, args), args["text"], args["artifact_file"])
-
-
-def _log_artifact(j: TrackingJournal, args: dict, replay: bool) -> None:
-    j.client.log_artifact(_run(j, args), str(j.folder / args["local_path"]), args.get("artifact_path"))
-
-
-def _outcome(j: TrackingJournal, args: dict, replay: bool) -> None:
-    from .tracking import log_outcome
-
-    try:
-        folder = j.folder / args["folder"] if args.get("folder") else None  # absolute stays absolute
-        log_outcome(j.client, _run(j, args), folder, args.get("title", ""))
-    except Exception as err:  # noqa: BLE001 - artifacts are best effort, but an outage is retried
-        if is_outage(err):
-            raise
-        j._say(f"a trial's artifacts could not be made ({err}); its run is kept without them")
-
-
-def _failure(j: TrackingJournal, args: dict, replay: bool) -> None:
-    from .tracking import log_failure
-
-    log_failure(j.client, _run(j, args), args["text"])
-
-
-OPS: dict[str, Callable[[TrackingJournal, dict, bool], Any]] = {
-    "create_run": _create_run, "log_batch": _log_batch, "set_terminated": _set_terminated,
-    "update_run": _update_run, "set_tag": _set_tag, "log_text": _log_text, "log_artifact": _log_artifact,
-    "outcome": _outcome, "failure": _failure,
-}
-
-# One journal per (store, sweep folder) in this process: the sweep's parent run and Tune's callback
-# (which Tune unpickles on a resume, so it cannot be handed one) share it.
-_JOURNALS: dict[tuple[str, str], TrackingJournal] = {}
-
-
-def journal_for(uri: str, folder: str | Path) -> TrackingJournal:
-    key = (uri, str(Path(folder).resolve()))
-    if key not in _JOURNALS:
-        _JOURNALS[key] = TrackingJournal(uri, folder)
-    return _JOURNALS[key]
-
-
-def forget(uri: str, folder: str | Path) -> None:
-    _JOURNALS.pop((uri, str(Path(folder).resolve())), None)
-
-
-def journal_uri(path: str | Path) -> str | None:
-    """The tracking store a journal file's writes are for (its first line)."""
-    try:
-        with open(path) as fh:
-            return json.loads(fh.readline()).get("tracking_uri")
-    except (OSError, ValueError):
-        return None
-
-
-def replay_file(path: str | Path, uri: str | None = None, stream=None) -> tuple[int, int]:
-    """Replay a journal file (`physfarm report`, `sweep --resume`): (writes replayed, still pending)."""
-    path = Path(path)
-    target = journal_uri(path)
-    if target is None or (uri is not None and target != uri):
-        return 0, 0
-    j = journal_for(target, path.parent)
-    if stream is not None:
-        j.stream = stream
-    before = j.replayed
-    j.flush()
-    return j.replayed - before, j.pending
+        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        self.say(f"refused a kept write ({entry['op']}: {first}); set aside in {self.rejected_path}")

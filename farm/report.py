@@ -118,9 +118,10 @@ def format_report(board: dict) -> str:
 
 
 def journal_files(args) -> list[Path]:
-    """Journals of MLflow writes a sweep kept while the store was down (farm.journal): those named with
-    --journal, the config's sweep folder's, and any under ./ray_results (the default storage_path)."""
-    from .journal import JOURNAL
+    """Journals of MLflow writes a sweep or `physfarm train` kept while the store was down
+    (farm/mlflow_ops.py): those named with --journal, the config's sweep folder's, and any under
+    ./ray_results (the default storage_path)."""
+    from .mlflow_ops import JOURNAL
 
     found = [Path(p) for p in (getattr(args, "journal", None) or [])]
     for p in found:
@@ -142,7 +143,7 @@ def journal_files(args) -> list[Path]:
 
 def replay_journals(args, uri: str) -> None:
     """Replay the pending journals for this store before reading it, so the report shows every result."""
-    from .journal import limit_http_retries, replay_file
+    from .mlflow_ops import limit_http_retries, replay_file
 
     import contextlib
 

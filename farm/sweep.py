@@ -22,8 +22,9 @@ from ray import tune
 from .config import FarmConfig
 from .errors import ConfigError
 from .pool import find_device, start_device, stop_device
-from .journal import journal_for, limit_http_retries
-from .tracking import PARENT_TAG, MLflowCallback, SweepTracker, check_reachable, resolve_tracking_uri
+from .journal import PLACEHOLDER
+from .mlflow_ops import MlflowWriter, is_outage, limit_http_retries
+from .tracking import PARENT_TAG, MLflowCallback, SweepTracker, check_reachable, hand_writer, resolve_tracking_uri
 from .trainable import run_trial
 from .trainspec import resolve_train
 from .tuning import build_param_space, build_scheduler, build_search, uses_pbt
@@ -184,7 +185,7 @@ def run_sweep(cfg: FarmConfig, address: str | None = None, tracking_uri: str | N
     folder = Path(storage) / name
     marker = check_resumable(cfg, uri, name, resume)
     limit_http_retries()
-    journal = journal_for(uri, folder)
+    journal = MlflowWriter(uri, folder).open()  # the sweep's MLflow writes, its tracker's and callback's
     if marker is not None:
         _replay_before_resume(journal, marker, folder)
     init_ray(address)
@@ -192,7 +193,7 @@ def run_sweep(cfg: FarmConfig, address: str | None = None, tracking_uri: str | N
 
     # Devices this sweep starts live as long as their handles: keep them until the sweep ends.
     started: list[tuple] = []
-    tracker = SweepTracker(uri, cfg.tracking.experiment, name, journal_dir=folder)
+    tracker = SweepTracker(journal, cfg.tracking.experiment, name)
     fitting = ended = interrupted = False
     try:
         for dev in cfg.devices:
@@ -213,10 +214,11 @@ def run_sweep(cfg: FarmConfig, address: str | None = None, tracking_uri: str | N
         if marker is not None:
             tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True,
                                        resume_errored=resume_errored)
+            hand_writer(tuner, journal)  # the restored MLflowCallback writes through the sweep's journal
         else:
             sched = cfg.sweep.scheduler
             watch = [k for k in _leaf_paths(sched.hyperparam_mutations or {})] if uses_pbt(cfg) else []
-            callback = MLflowCallback(uri, tracker.experiment_id, parent, name, devices, watch, journal_dir=folder)
+            callback = MLflowCallback(journal, tracker.experiment_id, parent, name, devices, watch)
             tuner = tune.Tuner(
                 trainable,
                 param_space=build_param_space(cfg),
@@ -291,8 +293,6 @@ def run_sweep(cfg: FarmConfig, address: str | None = None, tracking_uri: str | N
 def _replay_before_resume(journal, marker: dict, folder: Path) -> None:
     """A resume first replays MLflow writes an earlier run of the sweep kept (the store was down), so
     the parent and child runs it looks up exist and hold everything."""
-    from .journal import PLACEHOLDER
-
     if journal.pending and not journal.flush(wait_s=10.0):
         raise ConnectionError(f"MLflow tracking store {journal.uri} does not take the {journal.pending} writes "
                               f"kept in {journal.path}; start it (or fix it) and resume again")
@@ -321,8 +321,6 @@ def _end_journal(journal, name: str, wait_s: float, folder: Path) -> int:
 def _child_runs(tracker, journal) -> dict:
     """{trial id: child run id}; while the store is down, the runs this process knows (placeholders
     for runs created during the outage: a kept write naming one gets its real id on replay)."""
-    from .journal import is_outage
-
     known = {tid: journal.resolve(run) for tid, run in journal.trial_runs.items()}
     if journal.pending:
         return known

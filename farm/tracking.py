@@ -1,5 +1,10 @@
 """MLflow tracking: one parent run per sweep, one child run per trial (`physfarm train`: one run).
 
+Which store (resolve_tracking_uri, check_reachable), what a training's run holds (param_rows,
+epoch_rows), and a sweep's runs: its parent run (SweepTracker) and each trial's child run (the Tune
+callback MLflowCallback). The writes themselves, and how they survive an outage, are in
+farm/mlflow_ops.py (through farm/journal.py); the tracker and the callback are handed the writer.
+
 All MLflow writes happen in the driver (a Tune callback), so trials on any node need no access to
 the tracking store, and a SQLite file has a single writer. A run holds: params (the trial's resolved
 config), per-epoch metrics with the epoch as step, and artifacts: config.yaml, model/params.npz
@@ -17,13 +22,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
-from mlflow.entities import Metric, Param, RunStatus
-from mlflow.tracking import MlflowClient
+from mlflow.entities import RunStatus
 from ray import tune
 
 from .errors import ConfigError
+from .journal import PLACEHOLDER
+from .mlflow_ops import MlflowWriter, is_outage, sqlite_path  # noqa: F401 - sqlite_path: read here by report
 
 # Keys Tune adds to every result; they are bookkeeping, not training metrics.
 TUNE_KEYS = {
@@ -72,10 +77,6 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-def sqlite_path(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
-
-
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -87,15 +88,6 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    db = sqlite_path(uri)
-    location = (db.parent / "mlartifacts" / name).as_uri() if db else None
-    return client.create_experiment(name, artifact_location=location)
-
-
 def numeric_metrics(result: dict) -> dict[str, float]:
     out = {}
     for k, v in result.items():
@@ -105,13 +97,9 @@ def numeric_metrics(result: dict) -> dict[str, float]:
     return out
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # One training run (a sweep's trial or `physfarm train`): the same params, metrics and artifacts
 # ----------------------------------------------------------------------------------------------------
-CURVE_METRICS = ("loss", "val_loss", "train_accuracy", "val_accuracy", "twin_error", "twin_probe_error")
-
-
 def param_rows(config: dict) -> list[list[str]]:
     """A nested config as MLflow params, [[dotted key, value as text (cut at MLflow's 6000)], ...]."""
     return [[k, str(v)[:6000]] for k, v in flatten(config).items()]
@@ -124,75 +112,11 @@ def epoch_metrics(result: dict, extra: dict | None = None) -> dict[str, float]:
     return values
 
 
-def sweep_journal(owner):
-    """The journal an owner's MLflow writes go through (farm.journal): the sweep folder's, shared in
-    this process, or without a folder (`owner.journal_dir` None: a callback pickled by an older
-    version, a tracker used alone) a throwaway one that keeps nothing on disk, cached on the owner.
-    `owner` has uri, journal_dir and client."""
-    from .journal import TrackingJournal, journal_for
-
-    if owner.journal_dir is not None:
-        return journal_for(owner.uri, owner.journal_dir)
-    if getattr(owner, "_mem", None) is None:
-        owner._mem = TrackingJournal(owner.uri, tempfile.mkdtemp(prefix="physfarm-journal-"), owner.client)
-    return owner._mem
-
-
-def log_params(client: MlflowClient, run_id: str, config: dict) -> None:
-    items = [Param(k, v) for k, v in param_rows(config)]
-    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run_id, params=items[i : i + 100])
-
-
-def log_epoch(client: MlflowClient, run_id: str, result: dict, step: int, extra: dict | None = None) -> None:
+def epoch_rows(result: dict, step: int, extra: dict | None = None) -> list[list]:
+    """One epoch's metrics as a log_batch write's rows, [[key, value, timestamp ms, step], ...]. The
+    timestamp is taken now and kept with a journalled write, so a replayed point is the same point."""
     ts = int(time.time() * 1000)
-    metrics = [Metric(k, v, ts, step) for k, v in epoch_metrics(result, extra).items()]
-    for i in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[i : i + 1000])
-
-
-def log_outcome(client: MlflowClient, run_id: str, checkpoint_dir: str | Path | None, title: str) -> None:
-    """Artifacts of a finished (or failed) training: trained parameters and twin (model/), test
-    predictions (eval/), learning curve and confusion matrix (plots/). Best effort: a missing piece
-    is skipped, never fails the run."""
-    from . import plots
-
-    folder = Path(checkpoint_dir) if checkpoint_dir else None
-    if folder is not None and folder.is_dir():
-        for name in ("params.npz", "twin.pt"):
-            if (folder / name).exists():
-                client.log_artifact(run_id, str(folder / name), "model")
-        if (folder / "predictions.npz").exists():
-            client.log_artifact(run_id, str(folder / "predictions.npz"), "eval")
-    with tempfile.TemporaryDirectory() as tmp:
-        series = {}
-        for key in CURVE_METRICS:
-            try:
-                history = client.get_metric_history(run_id, key)
-            except Exception as err:  # noqa: BLE001 - a store without that metric
-                from .journal import is_outage
-
-                if is_outage(err):  # the store is down: the journal retries the whole outcome
-                    raise
-                history = []
-            if history:  # an epoch redone after a restore is logged again: its latest value counts
-                latest = {m.step: m for m in sorted(history, key=lambda m: (m.step, m.timestamp))}
-                series[key] = [(step, m.value) for step, m in sorted(latest.items())]
-        if series:
-            path = Path(tmp) / "learning_curve.png"
-            plots.learning_curve(series, path, title)
-            client.log_artifact(run_id, str(path), "plots")
-        if folder is not None and (folder / "predictions.npz").exists():
-            with np.load(folder / "predictions.npz") as pred:
-                y_true, y_pred = pred["y_true"], pred["y_pred"]
-            path = Path(tmp) / "confusion_matrix.png"
-            plots.confusion_matrix(y_true, y_pred, path, title)
-            client.log_artifact(run_id, str(path), "plots")
-
-
-def log_failure(client: MlflowClient, run_id: str, text: str) -> None:
-    client.set_tag(run_id, "physfarm.error", text[-5000:])
-    client.log_text(run_id, text, "error.txt")
+    return [[k, v, ts, step] for k, v in epoch_metrics(result, extra).items()]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -201,83 +125,76 @@ def log_failure(client: MlflowClient, run_id: str, text: str) -> None:
 class SweepTracker:
     """The parent run of a sweep: created (or, on resume, reopened), finished with the best trial.
 
-    With a journal (see farm.journal), every write survives a tracking outage: it is kept on disk and
-    replayed when the store answers again."""
+    Every write goes through the writer it is handed (farm.mlflow_ops.MlflowWriter, opened), so it
+    survives a tracking outage: it is kept on disk and replayed when the store answers again."""
 
-    def __init__(self, uri: str, experiment: str, sweep_name: str, journal_dir: str | Path | None = None):
-        self.uri = uri
+    def __init__(self, writer: MlflowWriter, experiment: str, sweep_name: str):
+        self.writer = writer
+        self.uri = writer.uri
         self.experiment = experiment
         self.sweep_name = sweep_name
-        self.client = MlflowClient(tracking_uri=uri)
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
-        self.journal_dir = str(journal_dir) if journal_dir is not None else None
-
-    @property
-    def journal(self):
-        return sweep_journal(self)
 
     def start(self, config: dict, devices: list[dict]) -> str:
-        self.experiment_id = get_or_create_experiment(self.client, self.experiment, self.uri)
-        j = self.journal
-        self.parent_run_id = j.call("create_run", experiment_id=self.experiment_id, run_name=self.sweep_name,
+        w = self.writer
+        self.experiment_id = w.experiment(self.experiment)
+        self.parent_run_id = w.call("create_run", experiment_id=self.experiment_id, run_name=self.sweep_name,
                                     tags={SWEEP_TAG: self.sweep_name, "physfarm.kind": "sweep"})
-        j.call("log_batch", run=self.parent_run_id,
+        w.call("log_batch", run=self.parent_run_id,
                params=param_rows({"sweep": config.get("sweep", {}), "data": config.get("data", {})}))
-        j.call("log_text", run=self.parent_run_id, text=yaml.safe_dump(config, sort_keys=False),
+        w.call("log_text", run=self.parent_run_id, text=yaml.safe_dump(config, sort_keys=False),
                artifact_file="sweep_config.yaml")
-        j.call("log_text", run=self.parent_run_id, text=yaml.safe_dump(devices, sort_keys=False),
+        w.call("log_text", run=self.parent_run_id, text=yaml.safe_dump(devices, sort_keys=False),
                artifact_file="device_pool.yaml")
         return self.parent_run_id
 
     def resume(self, parent_run_id: str) -> str:
         """Reopen the parent run of an interrupted (or killed: left RUNNING) sweep; the same run goes on."""
-        run = self.client.get_run(parent_run_id)
+        run = self.writer.client.get_run(parent_run_id)
         self.experiment_id = run.info.experiment_id
         self.parent_run_id = parent_run_id
-        self.journal.call("update_run", run=parent_run_id, status="RUNNING")
-        self.journal.call("set_tag", run=parent_run_id, key="physfarm.resumed",
-                          value=str(int(run.data.tags.get("physfarm.resumed", "0")) + 1))
+        self.writer.call("update_run", run=parent_run_id, status="RUNNING")
+        self.writer.call("set_tag", run=parent_run_id, key="physfarm.resumed",
+                         value=str(int(run.data.tags.get("physfarm.resumed", "0")) + 1))
         return parent_run_id
 
     def children(self, status: str | None = None) -> list:
-        parent = self.journal.resolve(self.parent_run_id)
+        parent = self.writer.resolve(self.parent_run_id)
         flt = f"tags.`{PARENT_TAG}` = '{parent}'"
         if status:
             flt += f" and attributes.status = '{status}'"
-        return self.client.search_runs([self.experiment_id], filter_string=flt, max_results=50_000)
+        return self.writer.client.search_runs([self.experiment_id], filter_string=flt, max_results=50_000)
 
     def interrupt(self) -> None:
         """The sweep stopped before its trials ended: the parent and its running children are KILLED
         (a resume sets them RUNNING again). While the store is down, the runs this process opened."""
-        from .journal import is_outage
-
-        j = self.journal
-        running = set(j.open_runs())
-        if not j.pending:
+        w = self.writer
+        running = set(w.open_runs())
+        if not w.pending:
             try:
                 running |= {r.info.run_id for r in self.children("RUNNING")}
             except Exception as err:  # noqa: BLE001
                 if not is_outage(err):
                     raise
-        running = {j.resolve(r) for r in running} - {j.resolve(self.parent_run_id)}
+        running = {w.resolve(r) for r in running} - {w.resolve(self.parent_run_id)}
         for run in sorted(running):
-            j.call("set_terminated", run=run, status="KILLED")
-        j.call("set_terminated", run=self.parent_run_id, status="KILLED")
+            w.call("set_terminated", run=run, status="KILLED")
+        w.call("set_terminated", run=self.parent_run_id, status="KILLED")
 
     def finish(self, best: dict | None, status: str = "FINISHED", leaderboard: list[dict] | None = None) -> None:
-        j = self.journal
+        w = self.writer
         if best:
-            j.call("set_tag", run=self.parent_run_id, key="physfarm.best_trial", value=best["trial_id"])
+            w.call("set_tag", run=self.parent_run_id, key="physfarm.best_trial", value=best["trial_id"])
             if best.get("run_id"):
-                j.call("set_tag", run=self.parent_run_id, key="physfarm.best_run", value=best["run_id"])
+                w.call("set_tag", run=self.parent_run_id, key="physfarm.best_run", value=best["run_id"])
             ts = int(time.time() * 1000)
             metrics = [[f"best_{k}", v, ts, 0] for k, v in numeric_metrics(best["metrics"]).items()]
-            j.call("log_batch", run=self.parent_run_id, metrics=metrics)
+            w.call("log_batch", run=self.parent_run_id, metrics=metrics)
         if leaderboard is not None:
-            j.call("log_text", run=self.parent_run_id, text=json.dumps(leaderboard, indent=1, default=str),
+            w.call("log_text", run=self.parent_run_id, text=json.dumps(leaderboard, indent=1, default=str),
                    artifact_file="leaderboard.json")
-        j.call("set_terminated", run=self.parent_run_id, status=status)
+        w.call("set_terminated", run=self.parent_run_id, status=status)
 
 
 class MLflowCallback(tune.Callback):
@@ -286,48 +203,54 @@ class MLflowCallback(tune.Callback):
     A trial's run is found again by its trial id tag, so a resumed sweep (or a trial PBT restarts, or
     one Tune retries after its worker died) keeps writing to the same run; nothing is duplicated. A
     run already FINISHED when this process first meets it (the sweep's process was killed after the
-    trial ended but before Tune saved that) gets no further writes. All writes go through the sweep's
-    journal, so an MLflow outage neither stops training nor loses a write.
+    trial ended but before Tune saved that) gets no further writes. All writes go through the writer
+    it is handed (the sweep's, shared with its SweepTracker), so an MLflow outage neither stops
+    training nor loses a write.
+
+    Tune pickles the callback with its experiment state and, on a resume, unpickles it: the writer is
+    not pickled, and `hand_writer` gives the restored callback the resumed sweep's writer.
     """
 
-    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, sweep_name: str,
-                 devices: list[str] | None = None, watch: list[str] | None = None,
-                 journal_dir: str | Path | None = None):
-        self.uri = uri
+    def __init__(self, writer: MlflowWriter, experiment_id: str, parent_run_id: str, sweep_name: str,
+                 devices: list[str] | None = None, watch: list[str] | None = None):
+        self.uri = writer.uri
+        self.journal_dir = str(writer.folder)  # where a callback no one hands a writer opens its own
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.sweep_name = sweep_name
         self.devices = list(devices or [])
         self.watch = list(watch or [])  # train paths PBT mutates: logged as hp.<path> each epoch
-        self.journal_dir = str(journal_dir) if journal_dir is not None else None
-        self._client: MlflowClient | None = None
+        self._writer: MlflowWriter | None = writer
         self._runs: dict[str, str] = {}
         self._done: set[str] = set()
         self._restarts: dict[str, int] = {}
 
-    @property
-    def client(self) -> MlflowClient:
-        if self._client is None:
-            self._client = MlflowClient(tracking_uri=self.uri)
-        return self._client
+    def attach(self, writer: MlflowWriter) -> None:
+        self._writer = writer
 
     @property
-    def journal(self):
-        return sweep_journal(self)
+    def writer(self) -> MlflowWriter:
+        if self._writer is None:
+            # Unpickled where no one handed it a writer: Tune under Ray Client restores it in the
+            # cluster's process, which has no other writer on this sweep's folder. (A callback pickled
+            # before the folder was recorded writes through a throwaway folder.)
+            folder = self.journal_dir or tempfile.mkdtemp(prefix="physfarm-journal-")
+            self._writer = MlflowWriter(self.uri, folder).open()
+        return self._writer
 
-    def __getstate__(self):  # Tune pickles callbacks (experiment state); clients do not pickle
+    def __getstate__(self):  # Tune pickles callbacks (experiment state); the writer holds a lock and a client
         state = dict(self.__dict__)
-        state.update(_client=None, _runs={}, _done=set(), _restarts={}, _mem=None)
+        state.update(_writer=None, _runs={}, _done=set(), _restarts={})
         return state
 
     def __setstate__(self, state):  # a sweep started by an older version may lack newer fields
-        self.__dict__.update({"devices": [], "watch": [], "_client": None, "_runs": {}, "journal_dir": None,
-                              "_done": set(), "_restarts": {}, "_mem": None})
-        self.__dict__.update(state)
+        self.__dict__.update({"devices": [], "watch": [], "_writer": None, "_runs": {}, "journal_dir": None,
+                              "_done": set(), "_restarts": {}})
+        self.__dict__.update({k: v for k, v in state.items() if k not in ("_client", "_mem")})  # older fields
 
     def _existing_run(self, trial_id: str):
-        parent = self.journal.resolve(self.parent_run_id)
-        runs = self.client.search_runs(
+        parent = self.writer.resolve(self.parent_run_id)
+        runs = self.writer.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{PARENT_TAG}` = '{parent}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
             max_results=1,
@@ -335,13 +258,11 @@ class MLflowCallback(tune.Callback):
         return runs[0] if runs else None
 
     def run_id(self, trial) -> str:
-        from .journal import PLACEHOLDER, is_outage
-
         tid = trial.trial_id
         if tid not in self._runs:
-            j = self.journal
+            w = self.writer
             found = lookup_failed = None
-            if not j.pending and not self.parent_run_id.startswith(PLACEHOLDER):
+            if not w.pending and not self.parent_run_id.startswith(PLACEHOLDER):
                 try:
                     found = self._existing_run(tid)
                 except Exception as err:  # noqa: BLE001 - the store is down: find-or-create on replay
@@ -354,11 +275,11 @@ class MLflowCallback(tune.Callback):
                 if found.info.status == "FINISHED":  # ended before this process started: leave it as it is
                     self._done.add(tid)
                 else:  # resumed: the same run goes on
-                    j.call("update_run", run=found.info.run_id, status="RUNNING")
+                    w.call("update_run", run=found.info.run_id, status="RUNNING")
                 self._runs[tid] = found.info.run_id
             else:
                 self._runs[tid] = self._create(trial, find=lookup_failed is not None)
-            j.note_trial(tid, self._runs[tid])
+            w.note_trial(tid, self._runs[tid])
         return self._runs[tid]
 
     def _resolved(self, trial) -> dict:
@@ -372,16 +293,16 @@ class MLflowCallback(tune.Callback):
 
     def _create(self, trial, find: bool = False) -> str:
         resolved = self._resolved(trial)
-        j = self.journal
-        tags = {PARENT_TAG: j.resolve(self.parent_run_id), TRIAL_TAG: trial.trial_id, SWEEP_TAG: self.sweep_name,
+        w = self.writer
+        tags = {PARENT_TAG: w.resolve(self.parent_run_id), TRIAL_TAG: trial.trial_id, SWEEP_TAG: self.sweep_name,
                 "physfarm.kind": "trial", "physfarm.method": str(resolved.get("method", "")),
                 "physfarm.device": str(resolved.get("device", ""))}
         # While the store is down the run may exist already (a resumed trial): replay finds it by its tags.
-        match = {PARENT_TAG: j.resolve(self.parent_run_id), TRIAL_TAG: trial.trial_id} if find else None
-        run_id = j.call("create_run", experiment_id=self.experiment_id, run_name=f"{self.sweep_name}/{trial.trial_id}",
+        match = {PARENT_TAG: w.resolve(self.parent_run_id), TRIAL_TAG: trial.trial_id} if find else None
+        run_id = w.call("create_run", experiment_id=self.experiment_id, run_name=f"{self.sweep_name}/{trial.trial_id}",
                         tags=tags, match=match, reopen=True)
-        j.call("log_batch", run=run_id, params=param_rows({"train": resolved}))
-        j.call("log_text", run=run_id, text=yaml.safe_dump({"train": resolved}, sort_keys=False),
+        w.call("log_batch", run=run_id, params=param_rows({"train": resolved}))
+        w.call("log_text", run=run_id, text=yaml.safe_dump({"train": resolved}, sort_keys=False),
                artifact_file="config.yaml")
         return run_id
 
@@ -389,7 +310,7 @@ class MLflowCallback(tune.Callback):
         self.run_id(trial)
 
     def on_step_begin(self, iteration, trials, **info):
-        self.journal.maybe_flush()  # an outage ends while no trial reports: replay anyway (backoff-limited)
+        self.writer.maybe_flush()  # an outage ends while no trial reports: replay anyway (backoff-limited)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self.run_id(trial)
@@ -401,9 +322,7 @@ class MLflowCallback(tune.Callback):
             value = _pick(trial.config.get("train", {}), path)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 watched[f"hp.{path}"] = float(value)
-        ts = int(time.time() * 1000)  # ms, kept in the journal: a replayed point is the same point
-        self.journal.call("log_batch", run=run_id,
-                          metrics=[[k, v, ts, step] for k, v in epoch_metrics(result, watched).items()])
+        self.writer.call("log_batch", run=run_id, metrics=epoch_rows(result, step, watched))
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         """The trial's worker failed or died and Tune retries it from its last checkpoint (max_failures):
@@ -412,7 +331,7 @@ class MLflowCallback(tune.Callback):
         if trial.trial_id in self._done:
             return
         self._restarts[trial.trial_id] = self._restarts.get(trial.trial_id, 0) + 1
-        self.journal.call("set_tag", run=run_id, key="physfarm.restarts", value=str(self._restarts[trial.trial_id]))
+        self.writer.call("set_tag", run=run_id, key="physfarm.restarts", value=str(self._restarts[trial.trial_id]))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)
@@ -420,16 +339,29 @@ class MLflowCallback(tune.Callback):
             return
         checkpoint = trial.checkpoint
         folder = checkpoint.path if checkpoint is not None and checkpoint.path else None
-        self.journal.call("outcome", run=run_id, folder=folder, title=f"{self.sweep_name}/{trial.trial_id}")
-        self.journal.call("set_terminated", run=run_id, status=RunStatus.to_string(RunStatus.FINISHED))
+        self.writer.call("outcome", run=run_id, folder=folder, title=f"{self.sweep_name}/{trial.trial_id}")
+        self.writer.call("set_terminated", run=run_id, status=RunStatus.to_string(RunStatus.FINISHED))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)
         if trial.trial_id in self._done:
             return
-        self.journal.call("failure", run=run_id, text=_error_text(trial))
-        self.journal.call("outcome", run=run_id, folder=None, title=f"{self.sweep_name}/{trial.trial_id}")
-        self.journal.call("set_terminated", run=run_id, status=RunStatus.to_string(RunStatus.FAILED))
+        self.writer.call("failure", run=run_id, text=_error_text(trial))
+        self.writer.call("outcome", run=run_id, folder=None, title=f"{self.sweep_name}/{trial.trial_id}")
+        self.writer.call("set_terminated", run=run_id, status=RunStatus.to_string(RunStatus.FAILED))
+
+
+def hand_writer(tuner, writer: MlflowWriter) -> None:
+    """Give the MLflowCallbacks of a Tuner restored from its folder the resumed sweep's writer, so
+    that they and the sweep's tracker write through one journal. Tune restores callbacks from its
+    pickled state and offers no public way to reach them; under Ray Client the tuner runs in the
+    cluster (there is no local one), and its callbacks open their own writer on the sweep folder."""
+    local = getattr(tuner, "_local_tuner", None)
+    if local is None:
+        return
+    for callback in local.get_run_config().callbacks or []:
+        if isinstance(callback, MLflowCallback):
+            callback.attach(writer)
 
 
 def _pick(node: dict, path: str):

@@ -1,7 +1,8 @@
 """`physfarm train CONFIG`: one training, no Tune: the trainer function runs directly in this process
 against the config's device (started as a Ray actor like in a sweep, or found in a standing pool),
 with a progress bar on stderr, logged to MLflow like one trial of a sweep (one run: the same params,
-per-epoch metrics and artifacts).
+per-epoch metrics and artifacts, written through the same journalled writer, so it survives an MLflow
+outage the same way).
 
 Search spaces in `train`: `grid` and `choice` take their first value (noted on stderr; `physfarm
 sweep` tries them all); ranges (uniform, loguniform, randint and their q-forms) are refused, since
@@ -9,6 +10,8 @@ no single value stands for them. With a method grid the first method runs, its s
 """
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import sys
 import tempfile
@@ -106,35 +109,38 @@ def cmd_train(args) -> int:
 
 def run_training(cfg, train_cfg, method_name: str, uri: str, address: str | None = None,
                  name: str | None = None, quiet: bool = False, stream=None) -> int:
-    """Train once and log one MLflow run; returns the exit code (0: finished, 1: the training failed)."""
-    from mlflow.tracking import MlflowClient
+    """Train once and log one MLflow run; returns the exit code (0: finished, 1: the training failed).
+
+    The run is written like a sweep's trial, through an MlflowWriter (farm/mlflow_ops.py): while the
+    store is down the writes are kept in a journal under the config's storage_path and replayed when it
+    answers, so an outage neither stops the training nor loses a write."""
+    import yaml
 
     from trainers.registry import method
 
     from .data import load_dataset
+    from .mlflow_ops import MlflowWriter, limit_http_retries
     from .pool import find_device, start_device, stop_device
-    from .sweep import init_ray
-    from .tracking import get_or_create_experiment, log_epoch, log_failure, log_outcome, log_params
+    from .sweep import init_ray, storage_path
+    from .tracking import epoch_rows, param_rows
     from .trainable import EpochReporter, connect_devices, trial_devices
 
     stream = stream or sys.stderr
     resolved = train_cfg.model_dump(mode="json")
     run_name = name or f"{cfg.sweep.name or 'train'}-{method_name}-{train_cfg.device}"
-    client = MlflowClient(tracking_uri=uri)
-    experiment_id = get_or_create_experiment(client, cfg.tracking.experiment, uri)
+    limit_http_retries()
+    writer = MlflowWriter(uri, journal_folder(storage_path(cfg), run_name)).open()
+    experiment_id = writer.experiment(cfg.tracking.experiment)
 
     init_ray(address)
     started = [cfg.device(n) for n in trial_devices(train_cfg) if find_device(n) is None]
     handles = [start_device(dev) for dev in started]  # the actors live as long as their handles
-    run = client.create_run(experiment_id, run_name=run_name,
-                            tags={"physfarm.kind": "train", "physfarm.method": method_name,
-                                  "physfarm.device": str(train_cfg.device)})
-    run_id = run.info.run_id
-    log_params(client, run_id, {"train": resolved, "data": cfg.data.model_dump(mode="json")})
-    import yaml
-
-    client.log_text(run_id, yaml.safe_dump({"train": resolved, "data": cfg.data.model_dump(mode="json")},
-                                           sort_keys=False), "config.yaml")
+    run_id = writer.call("create_run", experiment_id=experiment_id, run_name=run_name,
+                         tags={"physfarm.kind": "train", "physfarm.method": method_name,
+                               "physfarm.device": str(train_cfg.device)})
+    config = {"train": resolved, "data": cfg.data.model_dump(mode="json")}
+    writer.call("log_batch", run=run_id, params=param_rows(config))
+    writer.call("log_text", run=run_id, text=yaml.safe_dump(config, sort_keys=False), artifact_file="config.yaml")
     keep = Path(tempfile.mkdtemp(prefix="physfarm-train-"))
     bar = None if quiet else ProgressBar(train_cfg.epochs, stream)
     last: dict = {}
@@ -142,7 +148,7 @@ def run_training(cfg, train_cfg, method_name: str, uri: str, address: str | None
     def sink(metrics: dict, folder: Path | None) -> None:
         last.clear()
         last.update(metrics)
-        log_epoch(client, run_id, metrics, int(metrics.get("epoch", 0)))
+        writer.call("log_batch", run=run_id, metrics=epoch_rows(metrics, int(metrics.get("epoch", 0))))
         if folder is not None:  # keep the latest checkpoint folder for the final artifacts
             shutil.rmtree(keep, ignore_errors=True)
             shutil.copytree(folder, keep)
@@ -160,14 +166,16 @@ def run_training(cfg, train_cfg, method_name: str, uri: str, address: str | None
             bar.close()
         import traceback
 
-        log_failure(client, run_id, "".join(traceback.format_exception(err)))
-        log_outcome(client, run_id, keep if any(keep.iterdir()) else None, run_name)
-        client.set_terminated(run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        writer.call("failure", run=run_id, text="".join(traceback.format_exception(err)))
+        writer.call("outcome", run=run_id, folder=str(keep) if any(keep.iterdir()) else None, title=run_name)
+        writer.call("set_terminated", run=run_id, status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        shutil.rmtree(keep, ignore_errors=True)  # a kept outcome has its own copies
         if isinstance(err, (KeyboardInterrupt, ConfigError)):
             raise
+        end_writes(writer, cfg.tracking.flush_wait_s)
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
         print(f"physfarm train: failed: {type(err).__name__}: {lines[-1] if lines else ''} "
-              f"(MLflow run {run_id})", file=sys.stderr)
+              f"(MLflow run {writer.resolve(run_id)})", file=sys.stderr)
         return 1
     finally:
         for dev in started:
@@ -175,15 +183,35 @@ def run_training(cfg, train_cfg, method_name: str, uri: str, address: str | None
         handles.clear()
     if bar is not None:
         bar.close()
-    log_outcome(client, run_id, keep, run_name)
-    client.set_terminated(run_id, "FINISHED")
+    writer.call("outcome", run=run_id, folder=str(keep), title=run_name)
+    writer.call("set_terminated", run=run_id, status="FINISHED")
     shutil.rmtree(keep, ignore_errors=True)
+    end_writes(writer, cfg.tracking.flush_wait_s)
     acc, val, sel = last.get("test_accuracy"), last.get("selected_val_accuracy"), last.get("selected_epoch")
     print(f"Trained {method_name} on device '{train_cfg.device}': epoch {sel} selected by val_accuracy "
           f"{val:.4f}; its test_accuracy {acc:.4f} (one pass on the test split)"
           if isinstance(acc, (int, float)) else "Trained: no test accuracy reported")
-    print(f"MLflow: experiment '{cfg.tracking.experiment}', run {run_id}, store {uri}")
+    print(f"MLflow: experiment '{cfg.tracking.experiment}', run {writer.resolve(run_id)}, store {uri}")
     return 0
+
+
+def journal_folder(storage: str | Path, run_name: str) -> Path:
+    """Where one `physfarm train` keeps the MLflow writes its store did not take: a folder of its own
+    under storage_path (two trainings never share a journal), one level down so that `physfarm report`
+    finds it as it finds a sweep's. Nothing is written there unless the store goes down."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", run_name).strip("._") or "train"
+    return Path(storage) / f"train-{slug}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def end_writes(writer, wait_s: float) -> int:
+    """Replay what the writer kept, waiting up to wait_s for a store that is still down; if it stays
+    down, say where the writes are and how to replay them. Returns the writes still kept."""
+    if not writer.pending or writer.flush(wait_s=wait_s):
+        return 0
+    print(f"physfarm train: MLflow tracking store {writer.uri} is still unreachable at the end of the "
+          f"training: {writer.pending} MLflow writes are kept in {writer.path}. Nothing is lost: once the "
+          f"store answers, `physfarm report --journal {writer.path}` replays them.", file=sys.stderr, flush=True)
+    return writer.pending
 
 
 def add_train_parser(sub) -> None:

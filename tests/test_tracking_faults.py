@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from bench.faults import MLflowServer
 from farm.cli import main
-from farm.journal import JOURNAL, TrackingJournal, limit_http_retries
+from farm.mlflow_ops import JOURNAL, MlflowWriter, limit_http_retries
 from farm.tracking import PARENT_TAG
 
 PHYSFARM = str(Path(sys.executable).parent / "physfarm")
@@ -38,7 +38,7 @@ def test_journal_keeps_writes_while_the_server_is_down_and_replays_them_once(ser
     client = MlflowClient(server.url)
     exp = client.create_experiment("j")
     told = io.StringIO()
-    j = TrackingJournal(server.url, tmp_path / "sweep", stream=told, retry_min_s=0.2)
+    j = MlflowWriter(server.url, tmp_path / "sweep", stream=told, retry_min_s=0.2).open()
     parent = j.call("create_run", experiment_id=exp, run_name="p", tags={"physfarm.kind": "sweep"})
     j.call("log_batch", run=parent, metrics=[["m", 1.0, 1000, 1]])
     assert not j.pending and not (tmp_path / "sweep" / JOURNAL).exists()
@@ -71,7 +71,7 @@ def test_journal_keeps_writes_while_the_server_is_down_and_replays_them_once(ser
     # A crash between replaying and trimming the journal, even before the placeholder map was saved:
     # the same writes replayed again change nothing (the run is found by its write id).
     shutil.copytree(copy, tmp_path / "again")
-    again = TrackingJournal(server.url, tmp_path / "again", stream=io.StringIO())
+    again = MlflowWriter(server.url, tmp_path / "again", stream=io.StringIO()).open()
     assert again.pending == 7 and again.flush()
 
     runs = client.search_runs([exp])
@@ -158,7 +158,7 @@ def test_report_replays_a_journal_left_by_a_sweep(server, tmp_path, capsys, monk
     client = MlflowClient(server.url)
     exp = client.create_experiment("left")
     folder = tmp_path / "ray_results" / "left"
-    j = TrackingJournal(server.url, folder, stream=io.StringIO())
+    j = MlflowWriter(server.url, folder, stream=io.StringIO()).open()
     server.kill()
     parent = j.call("create_run", experiment_id=exp, run_name="left",
                     tags={"physfarm.kind": "sweep", "physfarm.sweep": "left"})
@@ -170,9 +170,7 @@ def test_report_replays_a_journal_left_by_a_sweep(server, tmp_path, capsys, monk
     j.call("set_terminated", run=parent, status="FINISHED")
     assert j.pending == 5
     server.start()
-    from farm import journal as journal_module
-
-    journal_module._JOURNALS.clear()  # as in a new process: report reads the journal from disk
+    # report opens a writer of its own on the journal's folder and replays from disk, as a new process would
     capsys.readouterr()
     assert main(["report", "--tracking-uri", server.url, "--json"]) == 0
     captured = capsys.readouterr()
@@ -181,3 +179,53 @@ def test_report_replays_a_journal_left_by_a_sweep(server, tmp_path, capsys, monk
     assert [t["trial_id"] for t in board["trials"]] == ["t1"] and board["trials"][0]["metrics"]["test_accuracy"] == 0.4
     assert "replayed 5" in captured.err
     assert not (folder / JOURNAL).exists()
+
+
+def test_server_killed_mid_training_and_restarted_loses_nothing(server, tmp_path):
+    """`physfarm train` writes through the same journal as a sweep: the training goes on while the
+    server is down, the user is told once, and its one run ends up whole."""
+    epochs = 6
+    raw = {
+        # Each device call really sleeps, so that epochs are still to come when the server is killed.
+        "devices": [{"name": "osc", "system": {"kind": "oscillators", "n": 16, "latency_call_s": 0.05}}],
+        "data": {"kind": "digits", "limit": 200},
+        "train": {"method": "pat", "epochs": epochs, "batch_size": 32,
+                  "encoder": {"kind": "downsample", "size": [4, 4]}},
+        "sweep": {"name": "one", "storage_path": str(tmp_path / "ray_results")},
+        "tracking": {"uri": server.url, "experiment": "train-down", "flush_wait_s": 240},
+    }
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    proc = subprocess.Popen([PHYSFARM, "train", str(path), "--quiet"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while _epoch_points(server.db) < 1:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no epoch logged in time"
+            time.sleep(0.2)
+        server.kill()
+        while not list((tmp_path / "ray_results").glob(f"train-*/{JOURNAL}")):  # writes kept on disk
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no write kept in time"
+            time.sleep(0.2)
+        server.start()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    told = [ln for ln in err.splitlines() if ln.startswith("physfarm: MLflow tracking store")]
+    assert sum("unreachable (" in ln for ln in told) == 1, told
+    assert any("answers again; replayed" in ln for ln in told), told
+    assert not list((tmp_path / "ray_results").glob(f"train-*/{JOURNAL}"))  # replayed by the end
+
+    client = MlflowClient(server.url)
+    runs = client.search_runs([client.get_experiment_by_name("train-down").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run_id = runs[0].info.run_id
+    assert f"run {run_id}," in out  # the real id, not a placeholder
+    history = client.get_metric_history(run_id, "val_accuracy")
+    assert sorted(m.step for m in history) == list(range(1, epochs + 1)), history
+    assert {"config.yaml", "model", "plots", "eval"} <= {a.path for a in client.list_artifacts(run_id)}
