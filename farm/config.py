@@ -19,7 +19,7 @@ from .errors import ConfigError, format_validation_error
 from .fitcheck import check_fit
 from .space import samplers
 from .trainspec import check_train
-from .tuning import SchedulerSettings, check_sweep
+from .sweep_settings import SchedulerSettings, check_sweep
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 

@@ -34,7 +34,7 @@ def offline_spec(system: dict) -> SystemSpec | None:
     """The spec a system config describes, learnt without I/O; None where only the device knows it."""
     from actors.systems.registry import build_system
 
-    if system.get("kind") == "instrument" and not system.get("expect"):
+    if system.get("kind") == "instrument" and not system.get("expect_spec"):
         return None
     try:
         return build_system(system).spec

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray import tune
-
 from .errors import ConfigError
 
 FORMS = {
@@ -53,6 +51,9 @@ def check_sampler(path: str, form: str, args: Any) -> None:
 
 
 def to_tune(form: str, args: list):
+    """The Tune search space of a sampler (Ray Tune imported here: checking a config needs none)."""
+    from ray import tune
+
     if form == "grid":
         return tune.grid_search(args)
     if form == "choice":

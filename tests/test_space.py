@@ -10,7 +10,7 @@ from ray import tune
 from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Quantized
 from ray.tune.search.variant_generator import generate_variants
 
-from farm import tuning
+from farm import sweep_settings, tuning
 from farm.config import parse_config
 from farm.errors import ConfigError
 from farm.space import FORMS, samplers, to_param_space
@@ -124,7 +124,7 @@ def test_optuna_refuses_grids_and_names_the_extra_when_missing(monkeypatch):
     msg = error(cfg({"lr": {"grid": [0.01, 0.1]}}, {"search": "optuna"}))
     if "not installed" not in msg:
         assert msg.startswith("train.lr:") and "use 'choice'" in msg
-    monkeypatch.setattr(tuning.importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(sweep_settings.importlib.util, "find_spec", lambda name, *a: None)
     msg = error(cfg({"lr": {"choice": [0.01, 0.1]}}, {"search": "optuna"}))
     assert msg.startswith("sweep.search:") and "physfarm[optuna]" in msg
 

@@ -1,6 +1,18 @@
-"""Learning: physical layers, the PAT autograd function, trainers. Never imports `farm`."""
-from .config import PATConfig
-from .pat import train_pat
-from .types import Dataset, Device, TrainResult
+"""Learning: physical layers, the PAT autograd function, trainers. Never imports `farm`.
 
-__all__ = ["PATConfig", "train_pat", "Dataset", "Device", "TrainResult"]
+The names below are imported on first use (PEP 562): validating a config (trainers.config,
+trainers.registry) imports no torch."""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {"PATConfig": "trainers.config", "train_pat": "trainers.pat", "Dataset": "trainers.types",
+         "Device": "trainers.types", "TrainResult": "trainers.types"}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'trainers' has no attribute {name!r}")

@@ -6,7 +6,33 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .encoders import EncoderConfig
+
+class EncoderConfig(BaseModel):
+    """How data meet the first physical layer (`train.encoder`; a kind name or a mapping)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["tile", "pad", "downsample", "patches", "linear"] = "tile"
+    size: tuple[int, int] | None = Field(default=None, description="downsample: the image size to reach (H, W)")
+    mode: Literal["avg", "stride"] = Field(default="avg", description="downsample: average pooling, or every "
+                                           "k-th pixel")
+    patch: int | None = Field(default=None, ge=1, description="patches: side of the square patches (pixels)")
+    fill: Literal["pad", "tile"] = Field(default="pad", description="downsample/patches: how the rows are "
+                                         "filled up to the device's n_inputs")
+    value: float = Field(default=0.0, ge=0.0, le=1.0, description="pad: the value padded with (feature units)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_shorthand(cls, value):
+        return {"kind": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _needs(self) -> "EncoderConfig":
+        if self.kind == "downsample" and self.size is None:
+            raise ValueError("encoder.size: required for a downsample encoder, e.g. [14, 14]")
+        if self.kind == "patches" and self.patch is None:
+            raise ValueError("encoder.patch: required for a patches encoder, e.g. 7 (7x7 pixel patches)")
+        return self
 
 
 class TrainerConfig(BaseModel):
@@ -201,3 +227,38 @@ class DigitalConfig(TrainerConfig):
     pnn_layers: int = Field(default=1, ge=1, le=16,
                             description="physical layers of the PNN whose parameter count is matched")
     weight_decay: float = Field(default=0.0, ge=0.0)
+
+
+class PhyLLConfig(TrainerConfig):
+    """Physical local learning: fixed physical transforms, local digital layers, forward passes only."""
+
+    method: Literal["phyll"] = "phyll"
+    n_blocks: int = Field(default=2, ge=1, le=16, description="physical blocks in series")
+    width: int | None = Field(default=None, ge=1, le=65_536,
+                              description="outputs of each block's linear layer (default: the device's n_inputs)")
+    skip: bool = Field(default=False, description="the linear layer also sees the block's device input")
+    inner_steps: int = Field(default=1, ge=1, le=1000,
+                             description="optimiser steps per minibatch on one measurement")
+    alpha: float = Field(default=4.0, gt=0.0, description="sharpness of the goodness-difference loss")
+    theta_scale: float = Field(default=0.5, ge=0.0, le=1.0,
+                               description="fixed theta uniform in this fraction of the envelope, around its centre")
+    weight_decay: float = Field(default=0.0, ge=0.0, description="L2 penalty on the digital weights")
+    unsupervised: bool = Field(default=False,
+                               description="self-contrastive negatives and a linear readout on learned features")
+    readout_epochs: int = Field(default=5, ge=1, le=1000,
+                                description="unsupervised: passes of the readout over the features per epoch")
+    readout_lr: float = Field(default=0.01, gt=0.0, le=10.0, description="unsupervised: readout learning rate")
+    train_eval_size: int = Field(default=256, ge=0,
+                                 description="supervised: training samples whose accuracy is measured each "
+                                             "epoch (on the device; 0 = none, reported as NaN)")
+    encoder: EncoderConfig | None = Field(
+        default=None, description="how the data meet the device: tile, pad or downsample (fixed maps; "
+        "PhyLL trains no encoder); default tile where the features fit, more features are refused")
+
+    @model_validator(mode="after")
+    def _encoder_kind(self) -> "PhyLLConfig":
+        if self.encoder is not None and self.encoder.kind in ("patches", "linear"):
+            raise ValueError(f"encoder: '{self.encoder.kind}' is not available to PhyLL (its blocks see one "
+                             f"device row per sample and train nothing before the device); use tile, pad "
+                             f"or downsample")
+        return self

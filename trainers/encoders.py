@@ -18,44 +18,14 @@ features refuses, naming the fix.
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from .config import EncoderConfig
 
 KINDS = ("tile", "pad", "downsample", "patches", "linear")
 
 
 class EncoderError(ValueError):
     """An encoder that cannot map these features onto this device (the message names the fix)."""
-
-
-class EncoderConfig(BaseModel):
-    """How data meet the first physical layer (`train.encoder`; a kind name or a mapping)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["tile", "pad", "downsample", "patches", "linear"] = "tile"
-    size: tuple[int, int] | None = Field(default=None, description="downsample: the image size to reach (H, W)")
-    mode: Literal["avg", "stride"] = Field(default="avg", description="downsample: average pooling, or every "
-                                           "k-th pixel")
-    patch: int | None = Field(default=None, ge=1, description="patches: side of the square patches (pixels)")
-    fill: Literal["pad", "tile"] = Field(default="pad", description="downsample/patches: how the rows are "
-                                         "filled up to the device's n_inputs")
-    value: float = Field(default=0.0, ge=0.0, le=1.0, description="pad: the value padded with (feature units)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _kind_shorthand(cls, value):
-        return {"kind": value} if isinstance(value, str) else value
-
-    @model_validator(mode="after")
-    def _needs(self) -> "EncoderConfig":
-        if self.kind == "downsample" and self.size is None:
-            raise ValueError("encoder.size: required for a downsample encoder, e.g. [14, 14]")
-        if self.kind == "patches" and self.patch is None:
-            raise ValueError("encoder.patch: required for a patches encoder, e.g. 7 (7x7 pixel patches)")
-        return self
 
 
 def _fit(x: torch.Tensor, n: int, fill: str, value: float = 0.0) -> torch.Tensor:

@@ -43,13 +43,10 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
-
-from .config import TrainerConfig
-from .encoders import EncoderConfig, build_encoder
+from .config import PhyLLConfig
+from .encoders import build_encoder
 from .metering import MeteredDevice
 from .networks import tile_to
 from .checkpoint import restore, training_state
@@ -59,41 +56,6 @@ from .selection import Selection, final_pass
 from .types import Dataset, Report, TrainResult
 
 _EPS = 1e-8
-
-
-class PhyLLConfig(TrainerConfig):
-    """Physical local learning: fixed physical transforms, local digital layers, forward passes only."""
-
-    method: Literal["phyll"] = "phyll"
-    n_blocks: int = Field(default=2, ge=1, le=16, description="physical blocks in series")
-    width: int | None = Field(default=None, ge=1, le=65_536,
-                              description="outputs of each block's linear layer (default: the device's n_inputs)")
-    skip: bool = Field(default=False, description="the linear layer also sees the block's device input")
-    inner_steps: int = Field(default=1, ge=1, le=1000,
-                             description="optimiser steps per minibatch on one measurement")
-    alpha: float = Field(default=4.0, gt=0.0, description="sharpness of the goodness-difference loss")
-    theta_scale: float = Field(default=0.5, ge=0.0, le=1.0,
-                               description="fixed theta uniform in this fraction of the envelope, around its centre")
-    weight_decay: float = Field(default=0.0, ge=0.0, description="L2 penalty on the digital weights")
-    unsupervised: bool = Field(default=False,
-                               description="self-contrastive negatives and a linear readout on learned features")
-    readout_epochs: int = Field(default=5, ge=1, le=1000,
-                                description="unsupervised: passes of the readout over the features per epoch")
-    readout_lr: float = Field(default=0.01, gt=0.0, le=10.0, description="unsupervised: readout learning rate")
-    train_eval_size: int = Field(default=256, ge=0,
-                                 description="supervised: training samples whose accuracy is measured each "
-                                             "epoch (on the device; 0 = none, reported as NaN)")
-    encoder: EncoderConfig | None = Field(
-        default=None, description="how the data meet the device: tile, pad or downsample (fixed maps; "
-        "PhyLL trains no encoder); default tile where the features fit, more features are refused")
-
-    @model_validator(mode="after")
-    def _encoder_kind(self) -> "PhyLLConfig":
-        if self.encoder is not None and self.encoder.kind in ("patches", "linear"):
-            raise ValueError(f"encoder: '{self.encoder.kind}' is not available to PhyLL (its blocks see one "
-                             f"device row per sample and train nothing before the device); use tile, pad "
-                             f"or downsample")
-        return self
 
 
 # ----------------------------------------------------------------------------------------------------

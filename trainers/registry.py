@@ -17,35 +17,56 @@ A method (`Method`) is its typed config class plus four functions:
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
 from pydantic import BaseModel
 
-from .baselines import digital_lrs, digital_network, digital_predict, train_digital
-from .checkpoint import retune, selected_weights
-from .config import DigitalConfig, InSilicoConfig, PATConfig
-from .datashape import DataShape
-from .pat import pnn_lrs, pnn_network, pnn_predict, train_insilico, train_pat
-from .phyll import PhyLLConfig, phyll_lrs, phyll_network, phyll_predict, train_phyll
+from .config import DigitalConfig, InSilicoConfig, PATConfig, PhyLLConfig
+
+if TYPE_CHECKING:
+    from .datashape import DataShape
 
 
 @dataclass(frozen=True)
 class Method:
+    """A method's config class, and where its four functions live (imported on first use, so that
+    validating a config imports no torch)."""
+
     name: str
     config_class: type[BaseModel]
-    train: Callable
-    network: Callable
-    predict: Callable
-    lrs: Callable
+    module: str  # the module holding the functions
+    functions: tuple[str, str, str, str]  # (train, network, predict, lrs)
+
+    def _function(self, i: int) -> Callable:
+        return getattr(importlib.import_module(self.module), self.functions[i])
+
+    @property
+    def train(self) -> Callable:
+        return self._function(0)
+
+    @property
+    def network(self) -> Callable:
+        return self._function(1)
+
+    @property
+    def predict(self) -> Callable:
+        return self._function(2)
+
+    @property
+    def lrs(self) -> Callable:
+        return self._function(3)
 
 
 METHODS: dict[str, Method] = {
-    "pat": Method("pat", PATConfig, train_pat, pnn_network, pnn_predict, pnn_lrs),
-    "insilico": Method("insilico", InSilicoConfig, train_insilico, pnn_network, pnn_predict, pnn_lrs),
-    "digital": Method("digital", DigitalConfig, train_digital, digital_network, digital_predict, digital_lrs),
-    "phyll": Method("phyll", PhyLLConfig, train_phyll, phyll_network, phyll_predict, phyll_lrs),
+    "pat": Method("pat", PATConfig, "trainers.pat", ("train_pat", "pnn_network", "pnn_predict", "pnn_lrs")),
+    "insilico": Method("insilico", InSilicoConfig, "trainers.pat",
+                       ("train_insilico", "pnn_network", "pnn_predict", "pnn_lrs")),
+    "digital": Method("digital", DigitalConfig, "trainers.baselines",
+                      ("train_digital", "digital_network", "digital_predict", "digital_lrs")),
+    "phyll": Method("phyll", PhyLLConfig, "trainers.phyll",
+                    ("train_phyll", "phyll_network", "phyll_predict", "phyll_lrs")),
 }
 
 
@@ -63,8 +84,10 @@ def config_of(state: dict) -> BaseModel:
     return method(str(cfg.get("method", "pat"))).config_class.model_validate(cfg)
 
 
-def load_trained(state: dict, device, shape: DataShape, config: BaseModel | None = None) -> torch.nn.Module:
+def load_trained(state: dict, device, shape: DataShape, config: BaseModel | None = None):
     """The network a checkpoint stands for (its selected weights), built on `device`."""
+    from .checkpoint import selected_weights
+
     config = config or config_of(state)
     net = method(config.method).network(config, device, shape)
     net.load_state_dict(selected_weights(state))
@@ -72,9 +95,10 @@ def load_trained(state: dict, device, shape: DataShape, config: BaseModel | None
     return net
 
 
-def predict_from_state(state: dict, device, shape: DataShape, x: torch.Tensor,
-                       config: BaseModel | None = None) -> torch.Tensor:
+def predict_from_state(state: dict, device, shape: DataShape, x, config: BaseModel | None = None):
     """Labels of x predicted by a checkpoint's network, measured on `device`."""
+    import torch
+
     config = config or config_of(state)
     net = load_trained(state, device, shape, config)
     with torch.no_grad():
@@ -83,4 +107,6 @@ def predict_from_state(state: dict, device, shape: DataShape, x: torch.Tensor,
 
 def retune_state(state: dict, config: BaseModel) -> dict:
     """A checkpoint with `config`'s learning rates in its optimizer states (PBT's exploit)."""
+    from .checkpoint import retune
+
     return retune(state, method(config.method).lrs(config))

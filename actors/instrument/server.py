@@ -20,8 +20,6 @@ import threading
 import traceback
 from typing import Any, Callable
 
-import numpy as np
-import torch
 import yaml
 
 from ..errors import DeviceError, EnvelopeError
@@ -226,6 +224,9 @@ class InstrumentServer:
         if len(payload) != want:
             raise _BadRequest(f"FORWARD payload has {len(payload)} bytes, expected {want} "
                               f"(float32: {rows}x{n_in} x then {theta_rows}x{n_p} theta)")
+        import numpy as np  # here, not at the top: `physfarm --help` builds this module's parser
+        import torch
+
         values = np.frombuffer(payload, dtype="<f4")
         x = torch.from_numpy(values[: rows * n_in].reshape(rows, n_in).astype(np.float32))
         theta = values[rows * n_in :].astype(np.float32)  # [n_p] or [rows * n_p]

@@ -14,38 +14,17 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from ..envelope import check_request
 from ..errors import DeviceError
 from ..spec import SystemSpec
 from ..theta_rows import expand_rows
+from .configs import SimConfig
 
 
-class SimConfig(BaseModel):
-    """Knobs common to every simulator. Scales multiply the system's nominal values from PHYSICS.md:
-    1.0 is the documented device, 0.0 switches the effect off (mismatch=noise=drift=0 => device equals
-    its ideal model)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: str
-    seed: int = Field(default=0, description="seeds mismatch (fixed per device), noise and drift")
-    mismatch: float = Field(default=1.0, ge=0.0, description="scale on the nominal mismatch")
-    noise: float = Field(default=1.0, ge=0.0, description="scale on the nominal measurement noise")
-    drift: float = Field(default=0.0, ge=0.0, description="scale on the nominal drift rate (0 = none)")
-    drift_clock: Literal["calls", "time"] = Field(
-        default="calls", description="drift advances per device call, or per second of wall time"
-    )
-    adc_bits: int | None = Field(default=None, ge=1, le=32, description="ADC resolution; None = ideal")
-    latency_call_s: float = Field(default=0.0, ge=0.0, description="seconds slept per call")
-    latency_row_s: float = Field(default=0.0, ge=0.0, description="seconds slept per row")
-    fault_rate: float = Field(default=0.0, ge=0.0, le=1.0, description="fraction of calls raising DeviceError")
-    max_rows: int = Field(default=256, ge=1, description="most rows per device call")
 
 
 def quantise(y: torch.Tensor, full_scale: tuple[float, float], bits: int | None,

@@ -19,28 +19,14 @@ complex product.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
-from pydantic import Field
 
 from ..spec import SystemSpec
-from .base import SimConfig, SimulatedSystem, quantise
+from .configs import CavityConfig
+from .base import SimulatedSystem, quantise
 
 
-class CavityConfig(SimConfig):
-    kind: Literal["cavity"] = "cavity"
-    n_inputs: int = Field(default=64, ge=1, description="surface elements driven by the data x")
-    n_params: int = Field(default=0, ge=0, description="surface elements set by trainable theta")
-    n_outputs: int = Field(default=64, ge=1, description="detected output modes / pixels")
-    structure_seed: int = Field(default=0, description="seeds the cavity's fingerprint T and E0")
-    phase_bits: int | None = Field(default=None, ge=1, le=16, description="surface phase resolution")
-    background: float = Field(default=0.5, ge=0.0, description="mean |E0|^2 of the static background")
-    t_error: float = Field(default=0.05, ge=0.0, description="relative model error of T at mismatch=1")
-    detector_noise: float = Field(default=0.01, ge=0.0, description="additive std (unit level) at noise=1")
-    shot_noise: float = Field(default=0.01, ge=0.0, description="shot noise std at y = 1, at noise=1")
-    drift_phase: float = Field(default=0.003, ge=0.0, description="rad per sqrt(call or second) at drift=1")
-    full_scale: float = Field(default=16.0, gt=0.0, description="ADC full scale (units of the mean level)")
 
 
 def _complex_gaussian(shape, std: float, gen: torch.Generator) -> torch.Tensor:

@@ -32,46 +32,18 @@ V_T = k T / q and I_s (which doubles per 10 K) in the device.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
-from pydantic import Field
 
 from ..spec import SystemSpec
-from .base import SimConfig, SimulatedSystem, quantise
-from .slots import SlotOrder, perm_buffer, slot_controls, slot_order_field, slot_permutation, window_ends
+from .configs import CircuitConfig
+from .base import SimulatedSystem, quantise
+from .slots import perm_buffer, slot_controls, slot_permutation, window_ends
 
 K_B_OVER_Q = 8.617333262e-5  # V/K: V_T = (k/q) T
 EXP_CAP = 80.0  # exp(80) fits float32; v = 80 nV_T = 3.7 V is far above the diode's clamp
 
 
-class CircuitConfig(SimConfig):
-    kind: Literal["circuit"] = "circuit"
-    n_inputs: int = Field(default=64, ge=1, description="slots driven by the data x")
-    n_params: int = Field(default=32, ge=0, description="slots set by trainable theta")
-    n_outputs: int = Field(default=10, ge=1, description="voltage samples read out (window ends)")
-    slot_order: SlotOrder = slot_order_field()
-    slot_s: float = Field(default=1e-6, gt=0.0, description="seconds per control slot")
-    v_max: float = Field(default=0.8, gt=0.0, description="V_in = v_max * u")
-    f0_per_slot_rate: float = Field(default=0.5, gt=0.0, description="resonance f0 / slot rate")
-    q: float = Field(default=3.0, gt=0.0, description="quality factor sqrt(L/C)/R")
-    capacitance_f: float = Field(default=1e-9, gt=0.0, description="C in farads (sets L and R)")
-    i_s: float = Field(default=1e-12, gt=0.0, description="diode saturation current at 300 K (A)")
-    ideality: float = Field(default=1.8, gt=0.0, description="diode ideality factor n")
-    temperature_k: float = Field(default=300.0, gt=0.0)
-    substeps: int = Field(default=4, ge=1, le=256, description="integration steps per slot")
-    adc_bits: int | None = Field(default=12, ge=1, le=32, description="ADC bits on [-2, 2] V (None = ideal)")
-    full_scale_v: float = Field(default=2.0, gt=0.0, description="ADC full scale: [-full_scale_v, +full_scale_v]")
-    component_error: float = Field(default=0.05, ge=0.0, description="max relative R, L, C error at mismatch=1")
-    johnson_noise_v: float = Field(default=1e-3, ge=0.0, description="voltage noise std (V) at noise=1")
-    drift_temperature: float = Field(default=0.1, ge=0.0, description="K per sqrt(call or second) at drift=1")
-
-    def components(self) -> tuple[float, float, float]:
-        """Nominal (R, L, C) in ohm, henry, farad."""
-        c = self.capacitance_f
-        w0 = 2 * math.pi * self.f0_per_slot_rate / self.slot_s
-        l_ = 1.0 / (w0**2 * c)
-        return math.sqrt(l_ / c) / self.q, l_, c
 
 
 class CircuitModel(torch.nn.Module):

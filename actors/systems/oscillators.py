@@ -12,29 +12,14 @@ coupling, e.g. thermal). drift=0 (the default) leaves the device exactly as with
 """
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
-from pydantic import Field
 
 from ..spec import SystemSpec
-from .base import SimConfig, SimulatedSystem
+from .configs import OscillatorsConfig
+from .base import SimulatedSystem
 
 
-class OscillatorsConfig(SimConfig):
-    kind: Literal["oscillators"] = "oscillators"
-    n: int = Field(default=64, ge=1, le=4096, description="number of oscillators (= n_inputs)")
-    n_outputs: int | None = Field(default=None, ge=1, description="oscillators read out (default n)")
-    dt: float = Field(default=0.1, gt=0.0, description="RK4 step (dimensionless time)")
-    steps: int = Field(default=5, ge=1, description="RK4 steps; T = steps * dt")
-    eta: float = Field(default=0.1, description="device's nonlinearity error at mismatch=1")
-    coupling_error: float = Field(default=0.05, ge=0.0, description="std of the coupling error at mismatch=1")
-    input_noise: float = Field(default=0.02, ge=0.0, description="std of the noise on q(0) at noise=1")
-    drift_coupling: float = Field(default=0.002, ge=0.0,
-                                  description="coupling random-walk std per sqrt(call or second) at drift=1")
-    eta_in_coupling: bool = Field(default=False, description="the device's nonlinearity error also enters the "
-                                  "coupling term, sum_j S_ij (sin((1+eta) q_j) - sin((1+eta) q_i)), as in the "
-                                  "PAT authors' Fashion-MNIST 'experiment'")
 
 
 class OscillatorsModel(torch.nn.Module):

@@ -35,36 +35,15 @@ digitised on [-1, 1] full scale (in device and model alike).
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
-from pydantic import Field
 
 from ..spec import SystemSpec
-from .base import SimConfig, SimulatedSystem, quantise
-from .slots import SlotOrder, perm_buffer, slot_controls, slot_order_field, slot_permutation, window_mean
+from .configs import PlateConfig
+from .base import SimulatedSystem, quantise
+from .slots import perm_buffer, slot_controls, slot_permutation, window_mean
 
 
-class PlateConfig(SimConfig):
-    kind: Literal["plate"] = "plate"
-    n_inputs: int = Field(default=64, ge=1, description="slots driven by the data x")
-    n_params: int = Field(default=32, ge=0, description="slots set by trainable theta")
-    n_outputs: int = Field(default=10, ge=1, description="microphone windows read out")
-    slot_order: SlotOrder = slot_order_field()
-    structure_seed: int = Field(default=0, description="seeds the plate itself (mode frequencies, couplings)")
-    modes: int = Field(default=12, ge=1, le=64, description="K, number of plate modes")
-    f_min_khz: float = Field(default=0.2, gt=0.0)
-    f_max_khz: float = Field(default=2.0, gt=0.0)
-    q: float = Field(default=30.0, gt=0.5, description="typical quality factor (Q_m ~ U(q-5, q+5))")
-    slot_ms: float = Field(default=1.0, gt=0.0, description="tau, ms per control slot")
-    coil_gain: float = Field(default=1.5, gt=0.0, description="g in F = tanh(g u)")
-    substeps: int = Field(default=4, ge=1, le=200, description="integration steps per slot")
-    duffing: float = Field(default=0.004, ge=0.0, description="typical gamma_m / w_m^2 (cubic stiffness)")
-    samples_per_period: int = Field(default=20, ge=2, description="microphone samples per period of f_max")
-    freq_error: float = Field(default=0.01, ge=0.0, description="relative f_m and Q_m error at mismatch=1")
-    mic_noise: float = Field(default=0.01, ge=0.0, description="microphone std, fraction of full scale")
-    alpha_per_k: float = Field(default=-1.3e-4, description="relative f_m change per kelvin")
-    drift_temperature: float = Field(default=0.1, ge=0.0, description="K per sqrt(call or second) at drift=1")
 
 
 class PlateModel(torch.nn.Module):

@@ -27,44 +27,15 @@ import csv
 import threading
 import time
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
 
 from ..spec import SystemSpec
-from .base import SimConfig, SimulatedSystem
+from .configs import RecordedConfig
+from .base import SimulatedSystem
 
 
-class RecordedConfig(SimConfig):
-    kind: Literal["recorded"] = "recorded"
-    path: str = Field(description="CSV or NPZ file of measured rows (controls then responses)")
-    name: str = Field(default="recorded", description="the device's name in its spec")
-    n_inputs: int = Field(ge=1, description="columns holding the data inputs x")
-    n_params: int = Field(default=0, ge=0, description="columns holding the physical parameters theta")
-    n_outputs: int = Field(ge=1, description="columns holding the measured response")
-    input_range: tuple[float, float] = Field(description="safe envelope of x, as measured")
-    param_range: tuple[float, float] = Field(default=(0.0, 1.0), description="safe envelope of theta")
-    holdout: float = Field(default=0.2, gt=0.0, lt=0.9, description="fraction of rows held out")
-    min_rows: int = Field(default=20, ge=4, description="fewest rows accepted")
-    hidden: tuple[int, ...] = Field(default=(64, 64), description="MLP hidden widths")
-    epochs: int = Field(default=1000, ge=1, le=100_000)
-    lr: float = Field(default=0.01, gt=0.0)
-    weight_decay: float = Field(default=0.0, ge=0.0)
-
-    @model_validator(mode="after")
-    def _knobs(self) -> "RecordedConfig":
-        if self.drift > 0:
-            raise ValueError(f"drift={self.drift}: a recorded device replays a fitted model and has no "
-                             f"drift; use drift: 0")
-        if self.adc_bits is not None:
-            raise ValueError("adc_bits: a recorded device replays digitised data already; leave adc_bits unset")
-        for field in ("input_range", "param_range"):
-            lo, hi = getattr(self, field)
-            if not lo < hi:
-                raise ValueError(f"{field} must be (low, high) with low < high, got ({lo}, {hi})")
-        return self
 
 
 class RecordedModel(torch.nn.Module):

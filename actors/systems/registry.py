@@ -41,6 +41,30 @@ class _Builtin(Mapping):
 
 BUILTIN: Mapping[str, type] = _Builtin()
 
+# The config class of each shipped kind, importable without the physics (no torch): validating a
+# sweep config (`--check`) needs only these.
+BUILTIN_CONFIGS = {
+    "oscillators": "actors.systems.configs:OscillatorsConfig",
+    "shg": "actors.systems.configs:ShgConfig",
+    "plate": "actors.systems.configs:PlateConfig",
+    "circuit": "actors.systems.configs:CircuitConfig",
+    "cavity": "actors.systems.configs:CavityConfig",
+    "recorded": "actors.systems.configs:RecordedConfig",
+    "instrument": "actors.instrument.config:InstrumentConfig",
+}
+
+
+def config_class(kind: str) -> type[BaseModel]:
+    """The config class of `kind` (a shipped kind's without importing its physics)."""
+    if kind in BUILTIN_CONFIGS:
+        module_name, _, attr = BUILTIN_CONFIGS[kind].partition(":")
+        return getattr(importlib.import_module(module_name), attr)
+    cls = system_class(kind)
+    found = getattr(cls, "config_class", None)
+    if found is None:
+        raise ValueError(f"system class {cls.__name__} has no `config_class` (a pydantic model)")
+    return found
+
 
 def system_class(kind: str) -> type:
     """The class for `kind`; raises ValueError listing the allowed kinds."""
@@ -71,11 +95,7 @@ def validate_system_config(raw: Any) -> BaseModel:
         return raw
     if not isinstance(raw, dict) or "kind" not in raw:
         raise ValueError("a system needs a 'kind', e.g. {kind: oscillators}")
-    cls = system_class(str(raw["kind"]))
-    config_class = getattr(cls, "config_class", None)
-    if config_class is None:
-        raise ValueError(f"system class {cls.__name__} has no `config_class` (a pydantic model)")
-    return config_class.model_validate(raw)
+    return config_class(str(raw["kind"])).model_validate(raw)
 
 
 def build_system(config: Any):

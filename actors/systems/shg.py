@@ -25,45 +25,14 @@ exposure): set latency_call_s=0.005, latency_row_s=0.002 to have it slept (0 by 
 """
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
 
 from ..spec import SystemSpec
-from .base import SimConfig, SimulatedSystem, quantise
+from .configs import ShgConfig
+from .base import SimulatedSystem, quantise
 
 
-class ShgConfig(SimConfig):
-    kind: Literal["shg"] = "shg"
-    n_inputs: int = Field(default=48, ge=1, description="shaper channels driven by the data x")
-    n_params: int = Field(default=16, ge=0, description="shaper channels set by trainable theta")
-    n_outputs: int | None = Field(default=None, ge=1, description="spectrometer outputs (default M)")
-    window_bins: int | None = Field(default=None, ge=1, description="SH bins imaged, centred on n_c "
-                                    "(default M; at most 2M-1)")
-    adc_bits: int | None = Field(default=12, ge=1, le=32, description="spectrometer ADC bits (None = ideal)")
-    full_scale: float = Field(default=1.25, gt=0.0, description="ADC full scale, in units of the nominal peak")
-    kappa_m: float = Field(default=1.5, gt=0.0, description="phase-matching kappa times M")
-    beta: float = Field(default=0.02, description="device's residual chirp (rad/channel^2) at mismatch=1")
-    phase_matching_error: float = Field(default=0.05, ge=0.0, description="relative error of kappa and n_c")
-    gain_error: float = Field(default=0.03, ge=0.0, description="std of the per-channel shaper gain error")
-    laser_noise: float = Field(default=0.01, ge=0.0, description="relative laser power std per row at noise=1")
-    detector_noise: float = Field(default=0.005, ge=0.0, description="detector std, fraction of full scale")
-    drift_power: float = Field(default=0.001, ge=0.0, description="log laser power walk per sqrt(clock)")
-
-    @model_validator(mode="after")
-    def _sizes(self) -> "ShgConfig":
-        m = self.n_inputs + self.n_params
-        if m < 2:
-            raise ValueError(f"shg needs at least 2 shaper channels (n_inputs + n_params), got {m}")
-        window = self.window_bins or m
-        if window > 2 * m - 1:
-            raise ValueError(f"window_bins={window} exceeds the {2 * m - 1} SH bins of M={m} channels; "
-                             f"use window_bins <= {2 * m - 1}")
-        if self.n_outputs is not None and self.n_outputs > window:
-            raise ValueError(f"n_outputs={self.n_outputs} exceeds the {window} imaged SH bins "
-                             f"(window_bins); use n_outputs <= {window} or widen window_bins")
-        return self
 
 
 def binning_matrix(n_bins: int, n_outputs: int, start: int = 0, count: int | None = None) -> torch.Tensor:

@@ -6,18 +6,9 @@ controls to slots and the record's samples or steps to output windows, so both s
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 
-SlotOrder = Literal["concat", "interleave"]
-
-
-def slot_order_field():
-    """The `slot_order` config field (same meaning and default in every slot-driven system)."""
-    return Field(default="concat",
-                 description="concat: all x slots then all theta slots; interleave: spread theta")
+from .configs import SlotOrder, slot_order_field  # noqa: F401  (the slot-driven systems' config pieces)
 
 
 def slot_permutation(n_inputs: int, n_params: int, order: str) -> torch.Tensor | None:
