@@ -34,7 +34,7 @@ def format_leaderboard(outcome, metric: str, mode: str) -> str:
             str(i), r.trial_id, *(f"{r.config.get(k)}" for k in keys),
             fmt_number(selected_value(r.metrics, metric)), fmt_number(r.metrics.get("test_accuracy")),
             str(r.metrics.get("epoch", "-")),
-            f"{r.metrics['device_s']:.2f}" if isinstance(r.metrics.get("device_s"), (int, float)) else "-",
+            fmt_number(r.metrics.get("device_s_total"), 2),
             r.status if not r.error else f"{r.status}: {r.error}",
         ])
     return format_table(table)
@@ -133,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_ui_parser(sub)
 
     from .devices_cli import add_devices_parser
+    from .eval_cli import add_eval_parser
 
     add_devices_parser(sub)
+    add_eval_parser(sub)
 
     try:
         from .instrument_cli import add_instrument_parser

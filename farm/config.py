@@ -61,6 +61,11 @@ class TrackingConfig(BaseModel):
 
     uri: str | None = Field(default=None, description="MLflow tracking URI (default: ./mlflow.db as SQLite)")
     experiment: str = Field(default="physfarm", min_length=1, description="MLflow experiment name")
+    model_name: str | None = Field(default=None, min_length=1,
+                                   description="registered model the sweep's best trial becomes a version of "
+                                               "(default: the sweep's name)")
+    user: str | None = Field(default=None, min_length=1, description="the person the runs are for (default: "
+                             "$PHYSFARM_USER, else the OS login)")
     flush_wait_s: float = Field(
         default=15.0, ge=0.0, le=86_400.0,
         description="at the end of a sweep, how long to wait for a tracking store that went down to answer "

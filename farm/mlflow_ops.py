@@ -37,10 +37,15 @@ from mlflow.tracking import MlflowClient
 
 from .journal import PLACEHOLDER, Journal, read_header
 
+# MLflow draws a progress bar for every artifact it reads (building a trial's model validates its
+# input example): dozens of lines in a sweep's console. Off unless the user asks for it.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 JOURNAL_NAME = "mlflow_journal"
 JOURNAL = JOURNAL_NAME + ".jsonl"
 WRITE_ID_TAG = "physfarm.write_id"
-MODEL_FILES = ("params.npz", "twin.pt", "predictions.npz")  # what a training's outcome reads from its checkpoint
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_FILES = ("params.npz", "twin.pt", "predictions.npz", "state.pt", "model_inputs.npz")  # what a training's outcome reads
 CURVE_METRICS = ("loss", "val_loss", "train_accuracy", "val_accuracy", "twin_error", "twin_probe_error")
 
 # MLflow error codes that mean "the store could not do it now" (retry later), as opposed to a
@@ -91,19 +96,31 @@ def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
     (`mlartifacts/<name>`)."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
         return exp.experiment_id
     db = sqlite_path(uri)
     location = (db.parent / "mlartifacts" / name).as_uri() if db else None
-    return client.create_experiment(name, artifact_location=location)
+    # Model training, not GenAI: the MLflow UI opens such an experiment on its runs and models.
+    return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: "custom_model_development"})
 
 
-def log_outcome(client: MlflowClient, run_id: str, checkpoint_dir: str | Path | None, title: str) -> None:
-    """Artifacts of a finished (or failed) training: trained parameters and twin (model/), test
-    predictions (eval/), learning curve and confusion matrix (plots/). A missing piece is skipped; an
-    outage is raised (the journal retries the whole outcome)."""
+def log_outcome(client: MlflowClient, run_id: str, checkpoint_dir: str | Path | None, title: str,
+                systems: dict | None = None, data: dict | None = None) -> None:
+    """Artifacts of a finished (or failed) training: the trained network as an MLflow model with its
+    parameters and twin (model/), test predictions (eval/), learning curve and confusion matrix
+    (plots/). A missing piece is skipped; an outage is raised (the journal retries the whole outcome).
+    `systems` ({device: system config}) and `data` (the data config) go into the model."""
     from . import plots  # matplotlib is slow to import: only once a training ends
 
     folder = Path(checkpoint_dir) if checkpoint_dir else None
+    if folder is not None and folder.is_dir() and systems is not None:
+        from .models import save_model_from_checkpoint
+
+        with tempfile.TemporaryDirectory() as tmp:
+            model = save_model_from_checkpoint(folder, tmp, systems, data or {})
+            if model is not None:  # a pyfunc model: mlflow.pyfunc.load_model("runs:/<run>/model")
+                client.log_artifacts(run_id, str(model), "model")
     if folder is not None and folder.is_dir():
         for name in ("params.npz", "twin.pt"):
             if (folder / name).exists():
@@ -208,7 +225,8 @@ class MlflowOps:
 
     def outcome(self, op: dict, replay: bool) -> None:
         try:
-            log_outcome(self.client, self._run(op), op.get("folder"), op.get("title", ""))
+            log_outcome(self.client, self._run(op), op.get("folder"), op.get("title", ""), op.get("systems"),
+                        op.get("data"))
         except Exception as err:  # noqa: BLE001 - artifacts are best effort, but an outage is retried
             if is_outage(err):
                 raise
@@ -217,9 +235,33 @@ class MlflowOps:
     def failure(self, op: dict, replay: bool) -> None:
         log_failure(self.client, self._run(op), op["text"])
 
+    def register_model(self, op: dict, replay: bool) -> None:
+        """A run's model/ as a new version of the registered model `name` (created if new); once per
+        run, so a replayed or resumed registration adds no second version."""
+        run, name = self._run(op), op["name"]
+        try:
+            self.client.create_registered_model(name, description=op.get("description"))
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        if any(v.run_id == run for v in self.client.search_model_versions(f"name = '{name}'")):
+            return
+        source = f"{self.client.get_run(run).info.artifact_uri.rstrip('/')}/model"
+        self.client.create_model_version(name, source, run_id=run, tags=op.get("tags") or None)
+
+    def log_inputs(self, op: dict, replay: bool) -> None:
+        """The data set a run trained on (shown under the run's Datasets in the UI)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        d = op["dataset"]
+        dataset = Dataset(name=d["name"], digest=d["digest"], source_type=d["source_type"], source=d["source"],
+                          schema=d.get("schema"), profile=d.get("profile"))
+        tags = [InputTag("mlflow.data.context", op.get("context", "training"))]
+        self.client.log_inputs(self._run(op), datasets=[DatasetInput(dataset, tags)])
+
 
 OPS = ("create_run", "log_batch", "set_terminated", "update_run", "set_tag", "log_text", "log_artifact",
-       "outcome", "failure")
+       "outcome", "failure", "register_model", "log_inputs")
 
 
 class MlflowWriter:

@@ -76,8 +76,9 @@ def leaderboard(client, parent) -> dict:
     def rank_key(run):
         value = selected_value(run.data.metrics, metric)
         if run.info.status != "FINISHED" or value is None or value != value:
-            return (1, 0.0)
-        return (0, -value if mode == "max" else value)
+            return (1, 0.0, run.data.tags.get("physfarm.trial_id") or "")
+        # ties go to the lower trial id, as in the sweep's own leaderboard
+        return (0, -value if mode == "max" else value, run.data.tags.get("physfarm.trial_id") or "")
 
     rows = []
     for i, run in enumerate(sorted(children, key=rank_key), 1):
@@ -110,7 +111,7 @@ def format_report(board: dict) -> str:
         table.append([str(r["rank"]), str(r["trial_id"]), *(str(r["params"].get(k)) for k in params),
                       fmt_number(selected_value(m, metric)), fmt_number(m.get("test_accuracy")),
                       str(r["epoch"]) if r.get("epoch") is not None else "-",
-                      f"{m['device_s']:.2f}" if isinstance(m.get("device_s"), (int, float)) else "-",
+                      fmt_number(m.get("device_s_total"), 2),
                       r["status"] + (f": {r['error']}" if r["error"] else "")])
     head = (f"Sweep '{board['sweep']}' ({board['status']}) in experiment '{board['experiment']}', "
             f"run {board['parent_run_id']}: {len(board['trials'])} trials by {metric} ({board['mode']})")

@@ -25,6 +25,7 @@ from .pool import find_device, start_device, stop_device
 from .journal import PLACEHOLDER
 from .mlflow_ops import MlflowWriter, is_outage, limit_http_retries
 from .tracking import PARENT_TAG, MLflowCallback, SweepTracker, check_reachable, hand_writer, resolve_tracking_uri
+from .runinfo import run_context
 from .trainable import run_trial
 from .trainspec import resolve_train
 from .tuning import build_param_space, build_scheduler, build_search, uses_pbt
@@ -64,8 +65,9 @@ class SweepOutcome:
         def key(row: TrialRow):
             value = selected_value(row.metrics, metric)
             if row.status != "TERMINATED" or not isinstance(value, (int, float)) or value != value:
-                return (1, 0.0)
-            return (0, -value if mode == "max" else value)
+                return (1, 0.0, row.trial_id)
+            # ties go to the lower trial id, as in `physfarm report` (so both name the same best trial)
+            return (0, -value if mode == "max" else value, row.trial_id)
         return sorted(self.rows, key=key)
 
 
@@ -193,13 +195,19 @@ def run_sweep(cfg: FarmConfig, address: str | None = None, tracking_uri: str | N
 
     # Devices this sweep starts live as long as their handles: keep them until the sweep ends.
     started: list[tuple] = []
-    tracker = SweepTracker(journal, cfg.tracking.experiment, name)
+    context = run_context(cfg, _sampled_keys(cfg), cfg.tracking.user)
+    tracker = SweepTracker(journal, cfg.tracking.experiment, name, context)
+    # A resumed sweep that had finished: Tune has nothing to run, and nothing is written again.
+    finished_before = marker is not None and marker.get("status") == "finished"
     fitting = ended = interrupted = False
     try:
         for dev in cfg.devices:
             if find_device(dev.name) is None:  # a standing device of that name is used as it is
                 started.append((dev, start_device(dev)))
-        if marker is not None:
+        if finished_before:
+            parent = tracker.parent_run_id = journal.resolve(marker["parent_run_id"])
+            tracker.experiment_id = marker.get("experiment_id")
+        elif marker is not None:
             parent = tracker.resume(journal.resolve(marker["parent_run_id"]))
         else:
             parent = tracker.start(cfg.model_dump(mode="json"), [d.model_dump(mode="json") for d in cfg.devices])
@@ -218,7 +226,7 @@ def run_sweep(cfg: FarmConfig, address: str | None = None, tracking_uri: str | N
         else:
             sched = cfg.sweep.scheduler
             watch = [k for k in _leaf_paths(sched.hyperparam_mutations or {})] if uses_pbt(cfg) else []
-            callback = MLflowCallback(journal, tracker.experiment_id, parent, name, devices, watch)
+            callback = MLflowCallback(journal, tracker.experiment_id, parent, name, devices, watch, context)
             tuner = tune.Tuner(
                 trainable,
                 param_space=build_param_space(cfg),
@@ -279,8 +287,10 @@ def run_sweep(cfg: FarmConfig, address: str | None = None, tracking_uri: str | N
         return outcome
     board = outcome.leaderboard(cfg.sweep.metric, cfg.sweep.mode)
     best = board[0] if board and board[0].status == "TERMINATED" else None
-    tracker.finish({"trial_id": best.trial_id, "run_id": best.run_id, "metrics": best.metrics} if best else None,
-                   leaderboard=[_row_json(i, r, cfg.sweep.metric) for i, r in enumerate(board, 1)])
+    if not finished_before:
+        tracker.finish({"trial_id": best.trial_id, "run_id": best.run_id, "metrics": best.metrics} if best else None,
+                       leaderboard=[_row_json(i, r, cfg.sweep.metric) for i, r in enumerate(board, 1)],
+                       model_name=cfg.tracking.model_name or name)
     outcome.journal_pending = _end_journal(journal, name, flush_wait_s, folder)
     outcome.parent_run_id = journal.resolve(parent)
     for row in outcome.rows:
@@ -408,7 +418,7 @@ def _row_json(rank: int, row: TrialRow, metric: str) -> dict:
     return {"rank": rank, "trial_id": row.trial_id, "run_id": row.run_id, "status": row.status,
             "config": row.config, metric: selected_value(row.metrics, metric),
             "test_accuracy": row.metrics.get("test_accuracy"), "selected_epoch": row.metrics.get("selected_epoch"),
-            "epoch": row.metrics.get("epoch"), "device_s": row.metrics.get("device_s"), "error": row.error}
+            "epoch": row.metrics.get("epoch"), "device_s_total": row.metrics.get("device_s_total"), "error": row.error}
 
 
 __all__ = ["run_sweep", "SweepOutcome", "TrialRow", "init_ray", "check_resumable", "read_marker", "PARENT_TAG"]

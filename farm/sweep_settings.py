@@ -14,7 +14,7 @@ from .space import FORMS, check_sampler, is_sampler
 if TYPE_CHECKING:
     from .config import FarmConfig
 
-TIME_ATTRS = ("training_iteration", "epoch", "device_s", "time_total_s")
+TIME_ATTRS = ("training_iteration", "epoch", "device_s_total", "device_s", "time_total_s")
 ASHA_FIELDS = ("max_t", "grace_period", "reduction_factor", "brackets")
 PBT_FIELDS = ("perturbation_interval", "burn_in_period", "hyperparam_mutations", "quantile_fraction",
               "resample_probability", "synch")
@@ -27,10 +27,11 @@ class SchedulerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["asha", "pbt"]
-    time_attr: Literal["training_iteration", "epoch", "device_s", "time_total_s"] = Field(
+    time_attr: Literal["training_iteration", "epoch", "device_s_total", "device_s", "time_total_s"] = Field(
         default="training_iteration",
         description="what a trial's progress is measured in: epochs (training_iteration or epoch), "
-                    "device seconds this trial used (device_s) or wall-clock seconds (time_total_s)")
+                    "device seconds this trial used so far (device_s_total; device_s is the same) or wall-clock "
+                    "seconds (time_total_s)")
     # ASHA
     max_t: float | None = Field(default=None, gt=0, description="asha: stop every trial at this time "
                                 "(default: train.epochs when time_attr counts epochs)")
@@ -114,7 +115,7 @@ def check_sweep(cfg: "FarmConfig") -> dict[str, tuple[str, list]]:
             raise ConfigError(f"{where}.{field}: not a setting of kind '{sched.kind}'; its settings: "
                               f"time_attr, {', '.join(ASHA_FIELDS if sched.kind == 'asha' else PBT_FIELDS)}")
     if sched.kind == "asha":
-        if sched.time_attr in ("device_s", "time_total_s") and sched.max_t is None:
+        if sched.time_attr in ("device_s_total", "device_s", "time_total_s") and sched.max_t is None:
             raise ConfigError(f"{where}.max_t: required when time_attr is {sched.time_attr} "
                               f"(the seconds after which every trial stops)")
         if sched.max_t is not None and (sched.grace_period or 1) > sched.max_t:

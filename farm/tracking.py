@@ -29,6 +29,7 @@ from ray import tune
 from .errors import ConfigError
 from .journal import PLACEHOLDER
 from .mlflow_ops import MlflowWriter, is_outage, sqlite_path  # noqa: F401 - sqlite_path: read here by report
+from .runinfo import dataset_input, device_params, run_name
 
 # Keys Tune adds to every result; they are bookkeeping, not training metrics.
 TUNE_KEYS = {
@@ -105,9 +106,21 @@ def param_rows(config: dict) -> list[list[str]]:
     return [[k, str(v)[:6000]] for k, v in flatten(config).items()]
 
 
+# Figures a training reports every epoch that never change (sizes): params of the run, not flat charts.
+CONSTANT_KEYS = ("n_physical_params", "n_digital_params", "n_weights", "hidden")
+
+
+def constant_params(result: dict) -> list[list[str]]:
+    """A report's constant figures as params rows, [["model.<key>", value], ...]."""
+    return [[f"model.{k}", str(int(result[k]))] for k in CONSTANT_KEYS
+            if isinstance(result.get(k), (int, float)) and not isinstance(result.get(k), bool)]
+
+
 def epoch_metrics(result: dict, extra: dict | None = None) -> dict[str, float]:
-    """The numeric metrics of one epoch's report (the epoch itself is the step, not a metric)."""
-    values = {k: v for k, v in numeric_metrics(result).items() if k != "epoch"}
+    """The numeric metrics of one epoch's report (the epoch itself is the step, not a metric; the
+    constant sizes are params). Naming: a counter is per epoch unless its name ends in `_total`
+    (the training's running total so far, e.g. device_s_total)."""
+    values = {k: v for k, v in numeric_metrics(result).items() if k != "epoch" and k not in CONSTANT_KEYS}
     values.update(extra or {})
     return values
 
@@ -119,6 +132,43 @@ def epoch_rows(result: dict, step: int, extra: dict | None = None) -> list[list]
     return [[k, v, ts, step] for k, v in epoch_metrics(result, extra).items()]
 
 
+def context_tags(ctx: dict) -> dict:
+    """Who ran it, from which code (MLflow's own tag names, so the UI shows them as such)."""
+    tags = {"mlflow.user": ctx.get("user") or "unknown", "physfarm.version": ctx.get("version") or "unknown"}
+    if ctx.get("git_commit"):
+        tags["mlflow.source.git.commit"] = ctx["git_commit"]
+    return tags
+
+
+def run_devices(resolved: dict) -> list[str]:
+    """The pool devices a training's config uses (one per layer where it names several)."""
+    names = [resolved.get("device")] + [layer.get("device") for layer in resolved.get("layers") or []]
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def log_run_facts(writer: MlflowWriter, run_id: str, resolved: dict, ctx: dict) -> None:
+    """A training run's params (its resolved config, data, devices' system configs), config.yaml and
+    its data set: everything to read the run without its sweep."""
+    devices = run_devices(resolved)
+    data = ctx.get("data") or {}
+    params = param_rows({"train": resolved, "data": data})
+    params += [[k, str(v)[:6000]] for k, v in device_params(ctx.get("systems") or {}, devices).items()]
+    writer.call("log_batch", run=run_id, params=params)
+    systems = {n: (ctx.get("systems") or {}).get(n) for n in devices}
+    writer.call("log_text", run=run_id, artifact_file="config.yaml",
+                text=yaml.safe_dump({"train": resolved, "data": data, "devices": systems}, sort_keys=False))
+    if data:
+        writer.call("log_inputs", run=run_id, dataset=dataset_input(data))
+
+
+def outcome_facts(resolved: dict, ctx: dict) -> dict:
+    """What the outcome write needs to build the run's MLflow model."""
+    if not ctx:
+        return {}
+    systems = ctx.get("systems") or {}
+    return {"systems": {n: systems.get(n) for n in run_devices(resolved)}, "data": ctx.get("data") or {}}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Sweeps: one parent run, one child run per trial
 # ----------------------------------------------------------------------------------------------------
@@ -128,8 +178,9 @@ class SweepTracker:
     Every write goes through the writer it is handed (farm.mlflow_ops.MlflowWriter, opened), so it
     survives a tracking outage: it is kept on disk and replayed when the store answers again."""
 
-    def __init__(self, writer: MlflowWriter, experiment: str, sweep_name: str):
+    def __init__(self, writer: MlflowWriter, experiment: str, sweep_name: str, context: dict | None = None):
         self.writer = writer
+        self.context = dict(context or {})
         self.uri = writer.uri
         self.experiment = experiment
         self.sweep_name = sweep_name
@@ -140,7 +191,8 @@ class SweepTracker:
         w = self.writer
         self.experiment_id = w.experiment(self.experiment)
         self.parent_run_id = w.call("create_run", experiment_id=self.experiment_id, run_name=self.sweep_name,
-                                    tags={SWEEP_TAG: self.sweep_name, "physfarm.kind": "sweep"})
+                                    tags={SWEEP_TAG: self.sweep_name, "physfarm.kind": "sweep",
+                                          **context_tags(self.context)})
         w.call("log_batch", run=self.parent_run_id,
                params=param_rows({"sweep": config.get("sweep", {}), "data": config.get("data", {})}))
         w.call("log_text", run=self.parent_run_id, text=yaml.safe_dump(config, sort_keys=False),
@@ -182,12 +234,19 @@ class SweepTracker:
             w.call("set_terminated", run=run, status="KILLED")
         w.call("set_terminated", run=self.parent_run_id, status="KILLED")
 
-    def finish(self, best: dict | None, status: str = "FINISHED", leaderboard: list[dict] | None = None) -> None:
+    def finish(self, best: dict | None, status: str = "FINISHED", leaderboard: list[dict] | None = None,
+               model_name: str | None = None) -> None:
+        """End the parent run; with a best trial, tag it and register its model as a new version of
+        `model_name` in the model registry."""
         w = self.writer
         if best:
             w.call("set_tag", run=self.parent_run_id, key="physfarm.best_trial", value=best["trial_id"])
             if best.get("run_id"):
                 w.call("set_tag", run=self.parent_run_id, key="physfarm.best_run", value=best["run_id"])
+                if model_name:
+                    w.call("register_model", run=best["run_id"], name=model_name,
+                           description=f"physfarm: the best trial of sweep '{self.sweep_name}' by validation",
+                           tags={"physfarm.sweep": self.sweep_name, "physfarm.trial_id": best["trial_id"]})
             ts = int(time.time() * 1000)
             metrics = [[f"best_{k}", v, ts, 0] for k, v in numeric_metrics(best["metrics"]).items()]
             w.call("log_batch", run=self.parent_run_id, metrics=metrics)
@@ -212,7 +271,7 @@ class MLflowCallback(tune.Callback):
     """
 
     def __init__(self, writer: MlflowWriter, experiment_id: str, parent_run_id: str, sweep_name: str,
-                 devices: list[str] | None = None, watch: list[str] | None = None):
+                 devices: list[str] | None = None, watch: list[str] | None = None, context: dict | None = None):
         self.uri = writer.uri
         self.journal_dir = str(writer.folder)  # where a callback no one hands a writer opens its own
         self.experiment_id = experiment_id
@@ -220,6 +279,7 @@ class MLflowCallback(tune.Callback):
         self.sweep_name = sweep_name
         self.devices = list(devices or [])
         self.watch = list(watch or [])  # train paths PBT mutates: logged as hp.<path> each epoch
+        self.context = dict(context or {})  # farm.runinfo.run_context: data, systems, user, code, names
         self._writer: MlflowWriter | None = writer
         self._runs: dict[str, str] = {}
         self._done: set[str] = set()
@@ -244,7 +304,8 @@ class MLflowCallback(tune.Callback):
         return state
 
     def __setstate__(self, state):  # a sweep started by an older version may lack newer fields
-        self.__dict__.update({"devices": [], "watch": [], "_writer": None, "_runs": {}, "journal_dir": None,
+        self.__dict__.update({"devices": [], "watch": [], "context": {}, "_writer": None, "_runs": {},
+                              "journal_dir": None,
                               "_done": set(), "_restarts": {}})
         self.__dict__.update({k: v for k, v in state.items() if k not in ("_client", "_mem")})  # older fields
 
@@ -294,16 +355,16 @@ class MLflowCallback(tune.Callback):
     def _create(self, trial, find: bool = False) -> str:
         resolved = self._resolved(trial)
         w = self.writer
+        ctx = self.context
         tags = {PARENT_TAG: w.resolve(self.parent_run_id), TRIAL_TAG: trial.trial_id, SWEEP_TAG: self.sweep_name,
                 "physfarm.kind": "trial", "physfarm.method": str(resolved.get("method", "")),
-                "physfarm.device": str(resolved.get("device", ""))}
+                "physfarm.device": str(resolved.get("device", "")), **context_tags(ctx)}
         # While the store is down the run may exist already (a resumed trial): replay finds it by its tags.
         match = {PARENT_TAG: w.resolve(self.parent_run_id), TRIAL_TAG: trial.trial_id} if find else None
-        run_id = w.call("create_run", experiment_id=self.experiment_id, run_name=f"{self.sweep_name}/{trial.trial_id}",
-                        tags=tags, match=match, reopen=True)
-        w.call("log_batch", run=run_id, params=param_rows({"train": resolved}))
-        w.call("log_text", run=run_id, text=yaml.safe_dump({"train": resolved}, sort_keys=False),
-               artifact_file="config.yaml")
+        name = run_name(resolved, ctx.get("name_keys") or [], trial.trial_id)
+        run_id = w.call("create_run", experiment_id=self.experiment_id, run_name=name, tags=tags, match=match,
+                        reopen=True)
+        log_run_facts(w, run_id, resolved, ctx)
         return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -322,7 +383,8 @@ class MLflowCallback(tune.Callback):
             value = _pick(trial.config.get("train", {}), path)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 watched[f"hp.{path}"] = float(value)
-        self.writer.call("log_batch", run=run_id, metrics=epoch_rows(result, step, watched))
+        self.writer.call("log_batch", run=run_id, metrics=epoch_rows(result, step, watched),
+                         params=constant_params(result))
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         """The trial's worker failed or died and Tune retries it from its last checkpoint (max_failures):
@@ -339,7 +401,8 @@ class MLflowCallback(tune.Callback):
             return
         checkpoint = trial.checkpoint
         folder = checkpoint.path if checkpoint is not None and checkpoint.path else None
-        self.writer.call("outcome", run=run_id, folder=folder, title=f"{self.sweep_name}/{trial.trial_id}")
+        self.writer.call("outcome", run=run_id, folder=folder, title=f"{self.sweep_name}/{trial.trial_id}",
+                         **outcome_facts(self._resolved(trial), self.context))
         self.writer.call("set_terminated", run=run_id, status=RunStatus.to_string(RunStatus.FINISHED))
 
     def on_trial_error(self, iteration, trials, trial, **info):

@@ -64,10 +64,10 @@ class ProgressBar:
         eta = per * (self.total - epoch)
         parts = [f"[{'#' * done}{'.' * (self.width - done)}] epoch {epoch}/{self.total}"]
         for key, label in (("loss", "loss"), ("train_accuracy", "train"), ("val_accuracy", "val"),
-                           ("device_s", "device_s")):
+                           ("device_s_total", "device_s")):
             value = metrics.get(key)
             if isinstance(value, (int, float)):
-                parts.append(f"{label} {value:.3f}" if key != "device_s" else f"{label} {value:.2f}")
+                parts.append(f"{label} {value:.3f}" if key != "device_s_total" else f"{label} {value:.2f}")
         parts.append(f"{elapsed:.0f}s elapsed, eta {eta:.0f}s")
         return "  ".join(parts)
 
@@ -114,7 +114,6 @@ def run_training(cfg, train_cfg, method_name: str, uri: str, address: str | None
     The run is written like a sweep's trial, through an MlflowWriter (farm/mlflow_ops.py): while the
     store is down the writes are kept in a journal under the config's storage_path and replayed when it
     answers, so an outage neither stops the training nor loses a write."""
-    import yaml
 
     from trainers.registry import method
 
@@ -122,7 +121,8 @@ def run_training(cfg, train_cfg, method_name: str, uri: str, address: str | None
     from .mlflow_ops import MlflowWriter, limit_http_retries
     from .pool import find_device, start_device, stop_device
     from .sweep import init_ray, storage_path
-    from .tracking import epoch_rows, param_rows
+    from .runinfo import run_context
+    from .tracking import constant_params, context_tags, epoch_rows, log_run_facts, outcome_facts
     from .trainable import EpochReporter, connect_devices, trial_devices
 
     stream = stream or sys.stderr
@@ -135,12 +135,11 @@ def run_training(cfg, train_cfg, method_name: str, uri: str, address: str | None
     init_ray(address)
     started = [cfg.device(n) for n in trial_devices(train_cfg) if find_device(n) is None]
     handles = [start_device(dev) for dev in started]  # the actors live as long as their handles
+    context = run_context(cfg, user=cfg.tracking.user)
     run_id = writer.call("create_run", experiment_id=experiment_id, run_name=run_name,
                          tags={"physfarm.kind": "train", "physfarm.method": method_name,
-                               "physfarm.device": str(train_cfg.device)})
-    config = {"train": resolved, "data": cfg.data.model_dump(mode="json")}
-    writer.call("log_batch", run=run_id, params=param_rows(config))
-    writer.call("log_text", run=run_id, text=yaml.safe_dump(config, sort_keys=False), artifact_file="config.yaml")
+                               "physfarm.device": str(train_cfg.device), **context_tags(context)})
+    log_run_facts(writer, run_id, resolved, context)  # the same params, config.yaml and data set as a trial
     keep = Path(tempfile.mkdtemp(prefix="physfarm-train-"))
     bar = None if quiet else ProgressBar(train_cfg.epochs, stream)
     last: dict = {}
@@ -148,7 +147,8 @@ def run_training(cfg, train_cfg, method_name: str, uri: str, address: str | None
     def sink(metrics: dict, folder: Path | None) -> None:
         last.clear()
         last.update(metrics)
-        writer.call("log_batch", run=run_id, metrics=epoch_rows(metrics, int(metrics.get("epoch", 0))))
+        writer.call("log_batch", run=run_id, metrics=epoch_rows(metrics, int(metrics.get("epoch", 0))),
+                    params=constant_params(metrics))
         if folder is not None:  # keep the latest checkpoint folder for the final artifacts
             shutil.rmtree(keep, ignore_errors=True)
             shutil.copytree(folder, keep)
@@ -183,7 +183,7 @@ def run_training(cfg, train_cfg, method_name: str, uri: str, address: str | None
         handles.clear()
     if bar is not None:
         bar.close()
-    writer.call("outcome", run=run_id, folder=str(keep), title=run_name)
+    writer.call("outcome", run=run_id, folder=str(keep), title=run_name, **outcome_facts(resolved, context))
     writer.call("set_terminated", run=run_id, status="FINISHED")
     shutil.rmtree(keep, ignore_errors=True)
     end_writes(writer, cfg.tracking.flush_wait_s)

@@ -2,14 +2,16 @@
 reporting without Tune).
 
 Per epoch a trainer calls `report(metrics, state)`; the adapter adds this training's device
-accounting (cumulative over the whole training, also across restores: `device_s`, `queue_wait_s`,
-`device_requests`) and writes a checkpoint folder:
+accounting (cumulative over the whole training, also across restores: `device_s_total`,
+`queue_wait_s_total`, `device_requests_total`) and writes a checkpoint folder:
   state.pt          everything the trainer needs to resume (tune.get_checkpoint() restores it)
   params.npz        trained theta and digital weights, for people
   twin.pt           the trainer's twin, when its state has one
   predictions.npz   y_true, y_pred of the test set: the trainer's one final pass on the checkpoint it
                     selected by validation (last epoch only)
   accounting.json   the device accounting at this checkpoint (so a restore continues the count)
+  model_inputs.npz  with the final checkpoint: the data's shape and a few training rows, from which
+                    the driver builds the trial's MLflow model (farm.models) without reading the data
 """
 from __future__ import annotations
 
@@ -28,12 +30,18 @@ from .client import DeviceClient
 from .data import DataConfig, load_dataset
 from .trainspec import resolve_train
 
-ACCOUNTING = ("device_s", "queue_wait_s", "device_requests")
+# The trial's running totals (the metric names end in _total; every other counter is per epoch).
+ACCOUNTING = ("device_s_total", "queue_wait_s_total", "device_requests_total")
 
 
 def save_checkpoint_dir(folder: Path, state: dict, accounting: dict | None = None,
-                        predictions: tuple | None = None, metrics: dict | None = None) -> None:
+                        predictions: tuple | None = None, metrics: dict | None = None, data=None) -> None:
     folder = Path(folder)
+    if predictions is not None and data is not None:  # the final checkpoint: what the MLflow model needs
+        shape = data.shape
+        np.savez(folder / "model_inputs.npz", example=data.x_train[:5].numpy(),
+                 n_features=shape.n_features, n_classes=shape.n_classes,
+                 image_shape=np.asarray(shape.image_shape or (), dtype=np.int64))
     if metrics is not None:  # the epoch's report, so a finished trial Tune restores can report it again
         (folder / "metrics.json").write_text(json.dumps(
             {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}))
@@ -101,15 +109,15 @@ class EpochReporter:
 
     def _usage(self) -> dict:
         """This trial's use of its devices so far, summed over them."""
-        out = {"device_s": 0.0, "queue_wait_s": 0.0, "device_requests": 0.0}
+        out = {"device_s_total": 0.0, "queue_wait_s_total": 0.0, "device_requests_total": 0.0}
         for device in self.devices:
             try:
                 u = device.client_stats()
             except Exception:  # noqa: BLE001 - a device without accounting (e.g. a local simulator)
                 u = {}
-            out["device_s"] += float(u.get("device_s", 0.0))
-            out["queue_wait_s"] += float(u.get("wait_s", 0.0))
-            out["device_requests"] += float(u.get("requests", 0.0))
+            out["device_s_total"] += float(u.get("device_s", 0.0))
+            out["queue_wait_s_total"] += float(u.get("wait_s", 0.0))
+            out["device_requests_total"] += float(u.get("requests", 0.0))
         return out
 
     def _advance(self) -> dict:
@@ -128,7 +136,7 @@ class EpochReporter:
         metrics = dict(metrics, **accounting)
         with tempfile.TemporaryDirectory() as folder:
             if state is not None:
-                save_checkpoint_dir(Path(folder), state, accounting, predictions, metrics)
+                save_checkpoint_dir(Path(folder), state, accounting, predictions, metrics, self.data)
             self.sink(metrics, Path(folder) if state is not None else None)
 
 

@@ -3,7 +3,7 @@ device-aware scheduler that caps the trials running on each device at once.
 
     sweep:
       search: optuna                     # default: Tune's own (grid and random sampling)
-      scheduler: {kind: asha, time_attr: device_s, max_t: 30, grace_period: 5}
+      scheduler: {kind: asha, time_attr: device_s_total, max_t: 30, grace_period: 5}
       max_trials_per_device: {optics: 1} # or one number for every device
 """
 from __future__ import annotations
@@ -25,6 +25,12 @@ if TYPE_CHECKING:
 
 # ----------------------------------------------------------------------------------------------------
 # Building Tune objects
+# ----------------------------------------------------------------------------------------------------
+def result_key(time_attr: str) -> str:
+    """The reported metric a scheduler's time_attr reads (`device_s` is the trial's device_s_total)."""
+    return "device_s_total" if time_attr == "device_s" else time_attr
+
+
 # ----------------------------------------------------------------------------------------------------
 def device_names(cfg: "FarmConfig") -> list[str]:
     return [d.name for d in cfg.devices]
@@ -72,14 +78,14 @@ def build_scheduler(cfg: "FarmConfig") -> TrialScheduler | None:
     if sched is not None and sched.kind == "asha":
         counts_epochs = sched.time_attr in ("training_iteration", "epoch")
         inner = AsyncHyperBandScheduler(
-            time_attr=sched.time_attr,
+            time_attr=result_key(sched.time_attr),
             max_t=sched.max_t if sched.max_t is not None else (_max_epochs(cfg) if counts_epochs else 100),
             grace_period=sched.grace_period or 1, reduction_factor=sched.reduction_factor or 4,
             brackets=sched.brackets or 1,
         )
     elif sched is not None and sched.kind == "pbt":
         inner = PopulationBasedTraining(
-            time_attr=sched.time_attr, perturbation_interval=sched.perturbation_interval,
+            time_attr=result_key(sched.time_attr), perturbation_interval=sched.perturbation_interval,
             burn_in_period=sched.burn_in_period or 0.0,
             hyperparam_mutations={"train": _mutations_to_tune(sched.hyperparam_mutations or {})},
             quantile_fraction=sched.quantile_fraction or 0.25,

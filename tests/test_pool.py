@@ -329,7 +329,7 @@ def test_sweep_goes_on_when_its_device_actor_is_killed(ray_session, tmp_path, sq
         t.join(30)
     assert seen.get("killed") and seen.get("restarted"), seen
     assert [r.status for r in outcome.rows] == ["TERMINATED", "TERMINATED"], [r.error for r in outcome.rows]
-    assert all(r.metrics["device_s"] >= 0 and "device_requests" in r.metrics for r in outcome.rows)
+    assert all(r.metrics["device_s_total"] >= 0 and "device_requests_total" in r.metrics for r in outcome.rows)
     assert find_device("osc-kill") is None  # the sweep stopped the device it started
 
 

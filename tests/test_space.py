@@ -163,7 +163,7 @@ def test_schedulers_and_search_are_built_from_the_config():
                           "max_trials_per_device": {"osc": 1}}))
     sched = tuning.build_scheduler(c)
     assert isinstance(sched, tuning.DeviceLimitScheduler) and sched.limits == {"osc": 1}
-    assert isinstance(sched.inner, AsyncHyperBandScheduler) and sched.inner._time_attr == "device_s"
+    assert isinstance(sched.inner, AsyncHyperBandScheduler) and sched.inner._time_attr == "device_s_total"
     c = parse_config(cfg({"epochs": 3}, {"scheduler": {"kind": "pbt", "perturbation_interval": 1,
                                                         "hyperparam_mutations": {"lr": {"loguniform": [1e-3, 0.1]}}}}))
     pbt = tuning.build_scheduler(c)
@@ -193,7 +193,7 @@ def test_train_takes_first_values_and_refuses_ranges():
 def test_progress_bar_is_plain_text():
     out = io.StringIO()
     bar = ProgressBar(4, out, width=8)
-    bar.update(1, {"loss": 1.5, "val_accuracy": 0.25, "device_s": 0.5})
+    bar.update(1, {"loss": 1.5, "val_accuracy": 0.25, "device_s_total": 0.5})
     bar.update(4, {"loss": 0.5, "val_accuracy": 0.75})
     bar.close()
     lines = out.getvalue().splitlines()
@@ -234,9 +234,10 @@ def test_device_accounting_is_cumulative_across_restores_and_actor_restarts():
     config = type("Config", (), {"epochs": 9})()
     reported = []
     reporter = EpochReporter(Device(), "pat", config, None, lambda m, folder: reported.append(m),
-                             accounting={"device_s": 10.0, "queue_wait_s": 1.0, "device_requests": 7})
+                             accounting={"device_s_total": 10.0, "queue_wait_s_total": 1.0,
+                                         "device_requests_total": 7})
     reporter({"epoch": 1}, None)
     reporter({"epoch": 2}, None)
-    assert [m["device_s"] for m in reported] == [11.0, 11.5]  # the checkpoint's count goes on
+    assert [m["device_s_total"] for m in reported] == [11.0, 11.5]  # the checkpoint's count goes on
     assert [m["device_requests"] for m in reported] == [9.0, 10.0]
     assert reported[1]["queue_wait_s"] == pytest.approx(1.1)

@@ -67,7 +67,7 @@ def test_mixed_sweep_logs_everything_caps_devices_and_records_failures(ray_sessi
     assert bad.status == "ERROR" and "fault" in bad.error
     for r in rows.values():
         assert r.status == "TERMINATED" and r.metrics["epoch"] == 2, (r.status, r.error)
-        assert 0.0 <= r.metrics["test_accuracy"] <= 1.0 and r.metrics["device_s"] > 0  # accounted at the actor
+        assert 0.0 <= r.metrics["test_accuracy"] <= 1.0 and r.metrics["device_s_total"] > 0  # accounted at the actor
         assert 0.0 <= r.metrics["best_val_accuracy"] <= 1.0 and r.metrics["selected_epoch"] in (1, 2)
     assert outcome.leaderboard()[-1].status == "ERROR"
     assert find_device("osc") is None  # devices the sweep started are stopped at its end
@@ -96,10 +96,10 @@ def test_mixed_sweep_logs_everything_caps_devices_and_records_failures(ray_sessi
         assert [m.step for m in history] == [1, 2]
         # test is measured once, after the last epoch, on the checkpoint chosen by validation
         assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [2]
-        device_s = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "device_s"),
+        device_s = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "device_s_total"),
                                             key=lambda m: m.step)]
         assert 0 < device_s[0] < device_s[1]  # cumulative device seconds per epoch
-        assert {"loss", "train_accuracy", "val_loss", "device_s", "queue_wait_s", "device_calls"} <= set(run.data.metrics)
+        assert {"loss", "train_accuracy", "val_loss", "device_s_total", "queue_wait_s_total", "device_calls"} <= set(run.data.metrics)
         assert {"config.yaml", "model", "plots", "eval"} <= _artifacts(client, run.info.run_id)
         assert "model/params.npz" in _artifacts(client, run.info.run_id, "model")
         assert _artifacts(client, run.info.run_id, "plots") == {"plots/learning_curve.png",

@@ -59,7 +59,7 @@ def test_train_runs_once_with_progress_and_logs_one_run(tmp_path, sqlite_uri, ca
         assert params["train.n_blocks"] == "1" and "train.n_layers" not in params
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [2]  # once, at the end
-    assert {"loss", "device_s", "queue_wait_s"} <= set(run.data.metrics)
+    assert {"loss", "device_s_total", "queue_wait_s_total"} <= set(run.data.metrics)
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "model", "plots", "eval"} <= arts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {

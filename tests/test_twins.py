@@ -101,7 +101,7 @@ def test_cache_reuses_the_twin_without_measuring_again(tmp_path):
     dev2 = Oscillators(n=16, seed=1)
     r2 = train_pat(pat.model_copy(update={"seed": 1}), dev2, data)
     assert r1.history[0]["twin_fit_calls"] == 8 and "twin_fit_calls" not in r2.history[0]
-    assert dev2.calls == r2.history[0]["device_calls"] and r2.history[0]["twin_calls"] == 0
+    assert dev2.calls == r2.history[0]["device_calls"] and r2.history[0]["twin_calls_total"] == 0
     assert r2.history[0]["twin_error"] == r1.history[0]["twin_error"]
 
 
@@ -136,11 +136,11 @@ def test_refresh_triggers_under_drift_and_not_without():
     steady = _refresh_run(0.0)
     h = drifting.history
     assert [m["twin_refreshed"] for m in h] == [0, 0, 1, 0]  # the probe of epoch 3 saw the drift
-    assert h[-1]["twin_refreshes"] == 1 and h[2]["twin_probe_error"] > 3 * h[0]["twin_probe_error"]
+    assert h[-1]["twin_refreshes_total"] == 1 and h[2]["twin_probe_error"] > 3 * h[0]["twin_probe_error"]
     assert h[3]["twin_probe_error"] < 0.5 * h[2]["twin_probe_error"]  # the refitted twin follows the device
     assert h[2]["device_calls"] > steady.history[2]["device_calls"]  # the refit measured fresh data
     assert all(m["twin_refreshed"] == 0 for m in steady.history)
-    assert steady.history[-1]["twin_refreshes"] == 0
+    assert steady.history[-1]["twin_refreshes_total"] == 0
     assert drifting.state["twins"][0]["twin"]["info"]["refreshes"] == 1  # the refreshed twin is what is saved
 
 

@@ -101,8 +101,8 @@ class PNNRun:
 
     def twin_metrics(self) -> dict:
         parts = [k.metrics() for k in self.keepers]
-        out = {"twin_refreshes": sum(p["twin_refreshes"] for p in parts),
-               "twin_calls": sum(p["twin_calls"] for p in parts)}
+        out = {"twin_refreshes_total": sum(p["twin_refreshes_total"] for p in parts),
+               "twin_calls_total": sum(p["twin_calls_total"] for p in parts)}
         errors = [p["twin_error"] for p in parts if "twin_error" in p]
         if errors:
             out["twin_error"] = float(sum(errors) / len(errors))
@@ -216,13 +216,14 @@ def _train(config: PATConfig, device, data: Dataset, report: Report | None, stat
             "val_loss": val_loss,
             **selection.metrics(),
             "epoch_s": time.monotonic() - t0,
-            "lr": opt.param_groups[0]["lr"],
             "device_calls": run.calls() - calls0,
             "device_rows": run.rows() - rows0,
             **extra,
             **run.twin_metrics(),
             **counts,
         }
+        if config.lr_schedule != "constant":  # a constant rate is a param of the run, not a chart
+            metrics["lr"] = opt.param_groups[0]["lr"]
         if epoch == start_epoch + 1 and twin_fit_calls and state is None:
             metrics["twin_fit_calls"] = twin_fit_calls
         weights = model.state_dict()  # this epoch's: what a resume continues from (copied below)
@@ -265,7 +266,7 @@ def train_pat(config: PATConfig, device, data: Dataset, report: Report | None = 
     for); state: a resumable state from `report`.
     Per epoch: `val_accuracy`/`val_loss` measured on the device, the best epoch so far
     (`best_val_accuracy`, `best_epoch`), `twin_probe_error` (twin vs device on the last training
-    minibatches), `twin_refreshes`, `twin_calls` and, for fitted twins, `twin_error` (held-out). After
+    minibatches), `twin_refreshes_total`, `twin_calls_total` and, for fitted twins, `twin_error` (held-out). After
     the last epoch the weights of the best validation epoch are measured once on the test split
     (`test_accuracy`, `selected_epoch`; predicted labels in the state's `test_predictions`).
     """

@@ -130,7 +130,7 @@ class TwinKeeper:
         return True
 
     def metrics(self) -> dict:
-        out = {"twin_refreshes": self.refreshes, "twin_calls": self.calls}
+        out = {"twin_refreshes_total": self.refreshes, "twin_calls_total": self.calls}
         err = self.error()
         if err is not None:
             out["twin_error"] = float(err)
