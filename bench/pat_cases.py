@@ -112,7 +112,7 @@ def _run(case, args, seed: int, overrides: dict | None = None, method_name: str 
         "twin_fit_calls": result.history[0].get("twin_fit_calls", 0),
         "twin_cached": info.get("cached"),
         "twin_probe_error": last.get("twin_probe_error"),
-        "twin_refreshes": last.get("twin_refreshes"),
+        "twin_refreshes": last.get("twin_refreshes_total"),
         "_result": result,
         "_system": system,
     }
