@@ -61,7 +61,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from . import plots
     from .data import DataConfig, load_dataset
-    from .mlflow_ops import MlflowWriter
+    from .mlflow_ops import MlflowWriter, tracking_uri_scope
     from .models import bind, meta_of
     from .pool import stop_device
     from .runinfo import current_user, physfarm_version
@@ -69,9 +69,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .tracking import context_tags, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
-    mlflow.set_tracking_uri(uri)
     try:
-        model = mlflow.pyfunc.load_model(args.model_uri)
+        with tracking_uri_scope(uri):
+            model = mlflow.pyfunc.load_model(args.model_uri)
     except Exception as err:  # noqa: BLE001 - an MLflow error: one line
         raise ConfigError(f"MODEL_URI: cannot load '{args.model_uri}' from {uri}: {str(err).splitlines()[0]}") from None
     meta = meta_of(model)

@@ -21,6 +21,7 @@ seconds, not minutes.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -85,6 +86,26 @@ def reachable(uri: str, timeout_s: float = 3.0) -> bool:
             return resp.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+@contextlib.contextmanager
+def tracking_uri_scope(uri: str):
+    """MLflow's fluent API (load_model of a `models:/` or `runs:/` URI) pointed at `uri` for the block
+    only: mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which every later subprocess and
+    sweep of this process would inherit and write to."""
+    import mlflow
+
+    before_env = os.environ.get("MLFLOW_TRACKING_URI")
+    before = mlflow.get_tracking_uri() if before_env is not None else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if before_env is None:
+            mlflow.set_tracking_uri(None)  # back to "not set": unsets the variable too
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            mlflow.set_tracking_uri(before)
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -86,3 +86,11 @@ def fault_proxy():
     yield _proxy
     for p in proxies:
         p.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_tracking_uri(monkeypatch):
+    """Each test starts without MLFLOW_TRACKING_URI: a value left by the caller's shell (or by an
+    earlier test's mlflow.set_tracking_uri) would send a sweep's writes to another store, since the
+    variable outranks the config's tracking.uri. Tests of that precedence set it themselves."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

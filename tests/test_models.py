@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from actors.systems.oscillators import Oscillators
 from farm.config import parse_config
 from farm.data import DataConfig, load_dataset
+from farm.mlflow_ops import tracking_uri_scope
 from farm.models import bind, meta_of, save_model
 from farm.tracking import PARENT_TAG
 from trainers.config import PATConfig
@@ -64,14 +65,15 @@ def test_every_trial_logs_a_model_and_the_best_is_registered(swept):
     best = outcome.leaderboard()[0]
     versions = client.search_model_versions("name = 'digits-osc'")
     assert [v.run_id for v in versions] == [best.run_id]  # one version: the best trial by validation
-    mlflow.set_tracking_uri(uri)
-    registered = mlflow.pyfunc.load_model("models:/digits-osc/1")
+    with tracking_uri_scope(uri):
+        registered = mlflow.pyfunc.load_model("models:/digits-osc/1")
     data = load_dataset(DataConfig(kind="digits", limit=500))
     bind(registered, Oscillators(SYSTEM))
     pred = registered.predict(data.x_test.numpy())
     assert float((pred == data.y_test.numpy()).mean()) == pytest.approx(best.metrics["test_accuracy"])
-    for row in outcome.rows:
-        assert mlflow.pyfunc.load_model(f"runs:/{row.run_id}/model") is not None
+    with tracking_uri_scope(uri):
+        for row in outcome.rows:
+            assert mlflow.pyfunc.load_model(f"runs:/{row.run_id}/model") is not None
 
 
 def test_runs_read_well_alone(swept):
@@ -93,12 +95,17 @@ def test_runs_read_well_alone(swept):
         assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["digits"]
 
 
-def test_eval_on_a_drifted_device_shows_the_drop(swept, capsys):
+def test_eval_on_a_drifted_device_shows_the_drop(swept, capsys, monkeypatch):
+    import os
+
     from farm.cli import main
 
     uri, outcome = swept
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     capsys.readouterr()
     assert main(["eval", "models:/digits-osc/1", "--tracking-uri", uri]) == 0
+    # eval leaves no MLFLOW_TRACKING_URI behind for a later sweep or subprocess to write to
+    assert "MLFLOW_TRACKING_URI" not in os.environ
     same = capsys.readouterr().out
     assert main(["eval", "models:/digits-osc/1", "--tracking-uri", uri, "--set", "drift=500"]) == 0
     drifted = capsys.readouterr().out

@@ -239,5 +239,5 @@ def test_device_accounting_is_cumulative_across_restores_and_actor_restarts():
     reporter({"epoch": 1}, None)
     reporter({"epoch": 2}, None)
     assert [m["device_s_total"] for m in reported] == [11.0, 11.5]  # the checkpoint's count goes on
-    assert [m["device_requests"] for m in reported] == [9.0, 10.0]
-    assert reported[1]["queue_wait_s"] == pytest.approx(1.1)
+    assert [m["device_requests_total"] for m in reported] == [9.0, 10.0]
+    assert reported[1]["queue_wait_s_total"] == pytest.approx(1.1)
