@@ -62,25 +62,40 @@ def _report_check(cfg, uri: str) -> int:
     return 0
 
 
+def quiet_libraries() -> None:
+    """physfarm's own view replaces Tune's console; the libraries' informational logs, progress bars
+    and known-noise warnings stay out of it (`--verbose` brings them back)."""
+    import logging
+    import os
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's experiment banner and result boxes
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    for name in ("ray", "ray.tune", "ray.train", "mlflow"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def cmd_sweep(args) -> int:
     from .config import load_config
 
     cfg = load_config(args.config)  # validates everything before Ray or MLflow start
-    from .sweep import check_resumable, run_sweep, sweep_name
+    from .sweep import check_resumable, check_trial_cpus, run_sweep, sweep_name
     from .tracking import check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri, cfg.tracking.uri)  # a refused URI is a config error too
+    check_trial_cpus(cfg, args.address)
     if getattr(args, "check", False):
         return _report_check(cfg, uri)
     check_reachable(uri)  # an unreachable tracking server: one line, before anything starts
     check_resumable(cfg, uri, sweep_name(cfg), args.resume or args.resume_errored)
+    if not args.verbose:
+        quiet_libraries()
     from .sweep import init_ray
 
     init_ray(args.address)
     _forward_sigterm()  # after ray.init, which installs its own SIGTERM handler
     outcome = run_sweep(cfg, address=args.address, tracking_uri=args.tracking_uri,
-                        verbose=0 if args.quiet else 1, resume=args.resume or args.resume_errored,
-                        resume_errored=args.resume_errored)
+                        verbose=1 if args.verbose else 0, resume=args.resume or args.resume_errored,
+                        resume_errored=args.resume_errored, show=not args.quiet)
     devices = sorted({str(r.config.get("device")) for r in outcome.rows if r.config.get("device")})
     where = f"on device '{cfg.train.get('device', '?')}'" if not devices else \
         "on each trial's device" if len(devices) > 1 else f"on device '{devices[0]}'"
@@ -114,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="existing Ray cluster address (default: start a local Ray)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, the config's, or ./mlflow.db)")
-    p.add_argument("--quiet", action="store_true", help="no Tune progress tables")
+    p.add_argument("--quiet", action="store_true", help="no live view of the trials and devices (the leaderboard "
+                   "is still printed at the end)")
+    p.add_argument("--verbose", action="store_true", help="also Tune's own status tables, and the libraries' "
+                   "informational logs (Ray, Tune, MLflow)")
     p.add_argument("--check", action="store_true",
                    help="only validate the config and print how many trials it would run (exit 0, or "
                         "2 with the error); starts nothing and writes nothing")

@@ -25,7 +25,8 @@ from .pool import find_device, start_device, stop_device
 from .journal import PLACEHOLDER
 from .mlflow_ops import MlflowWriter, is_outage, limit_http_retries
 from .tracking import PARENT_TAG, MLflowCallback, SweepTracker, check_reachable, hand_writer, resolve_tracking_uri
-from .runinfo import run_context
+from .console import ConsoleCallback, SweepView
+from .runinfo import run_context, run_name
 from .trainable import run_trial
 from .trainspec import resolve_train
 from .tuning import build_param_space, build_scheduler, build_search, uses_pbt
@@ -93,14 +94,28 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def check_trial_cpus(cfg: FarmConfig, address: str | None) -> None:
+    """A local sweep whose trials each ask for more CPUs than the local Ray will have would wait
+    forever with every trial PENDING: refuse it before anything starts. (On a cluster, --address,
+    Tune itself says which resources are missing; the cluster may still grow.)"""
+    if address:
+        return
+    have = usable_cpus()
+    if cfg.sweep.trial_cpus > have:
+        raise ConfigError(
+            f"sweep.trial_cpus: {cfg.sweep.trial_cpus:g} CPUs per trial, but the local Ray this sweep starts "
+            f"has {have} (this process's CPU affinity), so no trial could ever start; set "
+            f"sweep.trial_cpus to at most {have}, or run on a larger cluster with --address")
+
+
 def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, namespace="physfarm", log_to_driver=False, logging_level=logging.WARNING)
+        ray.init(address=address, namespace="physfarm", log_to_driver=False, logging_level=logging.ERROR)
     else:
         ray.init(num_cpus=usable_cpus(), namespace="physfarm", include_dashboard=False,
-                 log_to_driver=False, logging_level=logging.WARNING)
+                 log_to_driver=False, logging_level=logging.ERROR)
 
 
 def _pick(config: dict, path: str):
@@ -172,10 +187,26 @@ def check_resumable(cfg: FarmConfig, uri: str, name: str, resume: bool) -> dict 
     return None
 
 
+class TrialDescription:
+    """trial -> (what varies, e.g. "lr=0.03 seed=1"; its epochs): the console's and the run names'
+    label of a trial (a class, not a closure: Tune pickles the callbacks holding it)."""
+
+    def __init__(self, keys: list[str], devices: list[str]):
+        self.keys, self.devices = list(keys), list(devices)
+
+    def __call__(self, trial) -> tuple[str, int | None]:
+        resolved = resolve_train(dict((trial.config or {}).get("train", {})), self.devices)
+        epochs = resolved.get("epochs")
+        return run_name(resolved, self.keys, trial.trial_id), int(epochs) if isinstance(epochs, int) else None
+
+
 def run_sweep(cfg: FarmConfig, address: str | None = None, tracking_uri: str | None = None,
               name: str | None = None, verbose: int = 0, resume: bool = False,
-              resume_errored: bool = False, flush_wait_s: float | None = None) -> SweepOutcome:
-    """flush_wait_s (default: tracking.flush_wait_s): how long the end of the sweep waits for a tracking
+              resume_errored: bool = False, flush_wait_s: float | None = None,
+              show: bool = False, stream=None) -> SweepOutcome:
+    """verbose: Tune's own tables (1) or none (0); show: physfarm's live view of the trials and devices
+    on `stream` (stdout; redrawn in place on a terminal, periodic lines otherwise).
+    flush_wait_s (default: tracking.flush_wait_s): how long the end of the sweep waits for a tracking
     store that is down to answer again before it leaves the kept MLflow writes in the journal
     (replayed by `physfarm report` or `--resume`)."""
     if flush_wait_s is None:
@@ -227,6 +258,11 @@ def run_sweep(cfg: FarmConfig, address: str | None = None, tracking_uri: str | N
             sched = cfg.sweep.scheduler
             watch = [k for k in _leaf_paths(sched.hyperparam_mutations or {})] if uses_pbt(cfg) else []
             callback = MLflowCallback(journal, tracker.experiment_id, parent, name, devices, watch, context)
+            callbacks = [callback]
+            if show:
+                callbacks.append(ConsoleCallback(SweepView(f"sweep '{name}'"), devices,
+                                                 TrialDescription(_sampled_keys(cfg), devices),
+                                                 writer=journal, parent_run=parent, stream=stream))
             tuner = tune.Tuner(
                 trainable,
                 param_space=build_param_space(cfg),
@@ -236,7 +272,7 @@ def run_sweep(cfg: FarmConfig, address: str | None = None, tracking_uri: str | N
                     scheduler=build_scheduler(cfg), reuse_actors=True,
                 ),
                 run_config=tune.RunConfig(
-                    name=name, storage_path=storage, callbacks=[callback], verbose=verbose,
+                    name=name, storage_path=storage, callbacks=callbacks, verbose=verbose,
                     # A trial whose worker fails or dies is retried from its last checkpoint.
                     failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
                     # PBT clones other trials' checkpoints: keep them all (Tune warns about <= 2).

@@ -1,0 +1,227 @@
+"""What `physfarm sweep` shows while it runs: one line per trial (what varies, epoch, validation
+accuracy, device seconds, status) and one per device (utilisation, queued rows, rows/s), redrawn in
+place on a terminal (rich's Live) and printed as periodic plain lines otherwise (a log file, CI).
+
+`SweepView` is the state, a small pure object fed by the Tune callback (`ConsoleCallback`), which
+also polls the devices and logs their figures on the sweep's MLflow run over time
+(`device.<name>.utilisation`, `.queued_rows`, `.rows_per_s`, step = seconds since the sweep began).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+from ray import tune
+
+
+@dataclass
+class TrialLine:
+    trial_id: str
+    label: str  # what varies, e.g. "lr=0.03 seed=1"
+    epoch: int = 0
+    epochs: int | None = None
+    val_accuracy: float | None = None
+    device_s: float | None = None
+    status: str = "PENDING"
+
+
+@dataclass
+class DeviceLine:
+    name: str
+    utilisation: float = 0.0
+    queued_rows: int = 0
+    rows_per_s: float = 0.0
+    restarted: bool = False
+    _rows: int | None = None
+    _at: float | None = None
+
+    def update(self, stats: dict, now: float) -> None:
+        rows = int(stats.get("rows", 0))
+        if self._rows is not None and self._at is not None and now > self._at and rows >= self._rows:
+            self.rows_per_s = (rows - self._rows) / (now - self._at)
+        self._rows, self._at = rows, now
+        self.utilisation = float(stats.get("utilisation_recent", 0.0))
+        self.queued_rows = int(stats.get("queued_rows", 0))
+
+
+@dataclass
+class SweepView:
+    """The sweep's state as shown: trials by id (in order of appearance) and devices by name."""
+
+    title: str
+    trials: dict[str, TrialLine] = field(default_factory=dict)
+    devices: dict[str, DeviceLine] = field(default_factory=dict)
+
+    def trial(self, trial_id: str, label: str) -> TrialLine:
+        return self.trials.setdefault(trial_id, TrialLine(trial_id, label))
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for t in self.trials.values():
+            out[t.status] = out.get(t.status, 0) + 1
+        return out
+
+    def lines(self) -> list[str]:
+        """The view as plain text lines (one per trial, one per device)."""
+        done = ", ".join(f"{n} {s.lower()}" for s, n in sorted(self.counts().items()))
+        out = [f"{self.title}: {done or 'starting'}"]
+        for t in self.trials.values():
+            epoch = f"{t.epoch}/{t.epochs}" if t.epochs else str(t.epoch)
+            val = f"{t.val_accuracy:.4f}" if t.val_accuracy is not None else "-"
+            dev = f"{t.device_s:.1f}" if t.device_s is not None else "-"
+            out.append(f"  {t.trial_id}  {t.label:<28} epoch {epoch:>7}  val {val}  device_s {dev:>7}  {t.status}")
+        for d in self.devices.values():
+            out.append(f"  device {d.name}: utilisation {d.utilisation:.0%}, queued rows {d.queued_rows}, "
+                       f"{d.rows_per_s:.0f} rows/s")
+        return out
+
+    def table(self):
+        """The view as a rich renderable (for a terminal)."""
+        from rich.console import Group
+        from rich.table import Table
+
+        trials = Table(title=self.title, title_justify="left", expand=False)
+        for name, justify in (("trial", "left"), ("what varies", "left"), ("epoch", "right"),
+                              ("val_accuracy", "right"), ("device_s", "right"), ("status", "left")):
+            trials.add_column(name, justify=justify)
+        for t in self.trials.values():
+            trials.add_row(t.trial_id, t.label, f"{t.epoch}/{t.epochs}" if t.epochs else str(t.epoch),
+                           f"{t.val_accuracy:.4f}" if t.val_accuracy is not None else "-",
+                           f"{t.device_s:.1f}" if t.device_s is not None else "-", t.status)
+        devices = Table(expand=False)
+        for name in ("device", "utilisation", "queued rows", "rows/s"):
+            devices.add_column(name, justify="left" if name == "device" else "right")
+        for d in self.devices.values():
+            devices.add_row(d.name, f"{d.utilisation:.0%}", str(d.queued_rows), f"{d.rows_per_s:.0f}")
+        return Group(trials, devices)
+
+
+class ConsoleCallback(tune.Callback):
+    """Feeds a SweepView from Tune's events, polls the devices, draws the view, and logs the devices'
+    figures on the sweep's MLflow run (through the sweep's writer, when it is given one)."""
+
+    def __init__(self, view: SweepView, devices: list[str], describe, writer=None,
+                 parent_run: str | None = None, stream=None, live: bool | None = None,
+                 poll_s: float = 2.0, print_every_s: float = 30.0, log_every_s: float = 10.0):
+        self.view = view
+        self.device_names = list(devices)
+        self.describe = describe  # trial -> ("lr=0.03 seed=1", its epochs): picklable (Tune pickles callbacks)
+        self.writer, self.parent_run = writer, parent_run
+        self.stream = stream or sys.stdout
+        self.live_wanted = self.stream.isatty() if live is None else live
+        self.poll_s, self.print_every_s, self.log_every_s = poll_s, print_every_s, log_every_s
+        self._live = None
+        self._t0 = time.monotonic()
+        self._polled = self._printed = self._logged = -1e9
+        self._pending: dict = {}
+        self._last_text = ""
+        for name in self.device_names:
+            self.view.devices.setdefault(name, DeviceLine(name))
+
+    def __getstate__(self):  # Tune pickles callbacks with its experiment state: keep only plain settings
+        state = dict(self.__dict__)
+        state.update(_live=None, writer=None, stream=None, _pending={})
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.stream = sys.stdout
+
+    # -- Tune's events -------------------------------------------------------------------------------
+    def on_trial_start(self, iteration, trials, trial, **info):
+        label, epochs = self.describe(trial)
+        line = self.view.trial(trial.trial_id, label)
+        line.status, line.epochs = "RUNNING", epochs
+        self._draw()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        line = self.view.trial(trial.trial_id, self.describe(trial)[0])
+        line.status = "RUNNING"
+        line.epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+        line.val_accuracy = result.get("val_accuracy", line.val_accuracy)
+        line.device_s = result.get("device_s_total", line.device_s)
+        self._draw()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.view.trial(trial.trial_id, self.describe(trial)[0]).status = "DONE"
+        self._draw(force=not self.live_wanted)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.view.trial(trial.trial_id, self.describe(trial)[0]).status = "ERROR"
+        self._draw(force=not self.live_wanted)
+
+    def on_step_begin(self, iteration, trials, **info):
+        self._poll()
+        self._draw()
+
+    def on_experiment_end(self, trials, **info):
+        self.close()
+
+    # -- devices ---------------------------------------------------------------------------------------
+    def _poll(self) -> None:
+        """Ask each device for its figures without waiting: answers are read on a later step."""
+        now = time.monotonic()
+        if now - self._polled < self.poll_s:
+            return
+        import ray
+
+        from .pool import find_device
+
+        ready = [n for n, ref in self._pending.items() if ray.wait([ref], timeout=0)[0]]
+        for name in ready:
+            try:
+                self.view.devices[name].update(ray.get(self._pending.pop(name)), now)
+            except Exception:  # noqa: BLE001 - a restarting device answers on a later poll
+                self._pending.pop(name, None)
+        for name in self.device_names:
+            if name not in self._pending:
+                handle = find_device(name)
+                if handle is not None:
+                    self._pending[name] = handle.stats.remote()
+        self._polled = now
+        if self.writer is not None and self.parent_run and now - self._logged >= self.log_every_s:
+            self._logged = now
+            step, ts = int(now - self._t0), int(time.time() * 1000)
+            rows = []
+            for d in self.view.devices.values():
+                rows += [[f"device.{d.name}.utilisation", d.utilisation, ts, step],
+                         [f"device.{d.name}.queued_rows", float(d.queued_rows), ts, step],
+                         [f"device.{d.name}.rows_per_s", d.rows_per_s, ts, step]]
+            if rows:
+                self.writer.call("log_batch", run=self.parent_run, metrics=rows)
+
+    # -- drawing ---------------------------------------------------------------------------------------
+    def _draw(self, force: bool = False) -> None:
+        if self.stream is None:
+            return
+        if self.live_wanted:
+            if self._live is None:
+                from rich.console import Console
+                from rich.live import Live
+
+                self._live = Live(self.view.table(), console=Console(file=self.stream), refresh_per_second=2,
+                                  transient=False)
+                self._live.start()
+            else:
+                self._live.update(self.view.table())
+            return
+        now = time.monotonic()
+        if force or now - self._printed >= self.print_every_s:
+            self._printed = now
+            self._print()
+
+    def _print(self) -> None:
+        """Plain lines, unless they would repeat the block printed last (the end of a sweep)."""
+        text = "\n".join(self.view.lines())
+        if text != self._last_text:
+            self._last_text = text
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.update(self.view.table())
+            self._live.stop()
+            self._live = None
+        elif self.stream is not None:
+            self._print()

@@ -1,0 +1,94 @@
+"""The sweep's console (farm/console.py): the view is a pure object fed by Tune's events; on a
+terminal it is redrawn in place (rich), elsewhere printed as plain lines now and then and once at
+the end. No Ray: the events are called as Tune calls them."""
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from farm.console import ConsoleCallback, DeviceLine, SweepView
+
+
+def _trial(trial_id: str, lr: float):
+    return SimpleNamespace(trial_id=trial_id, config={"train": {"lr": lr, "epochs": 3}})
+
+
+def _describe(trial):
+    return f"lr={trial.config['train']['lr']}", trial.config["train"]["epochs"]
+
+
+def _run_events(callback: ConsoleCallback):
+    a, b = _trial("t1", 0.03), _trial("t2", 0.1)
+    callback.on_trial_start(0, [a, b], a)
+    callback.on_trial_start(0, [a, b], b)
+    callback.on_trial_result(1, [a, b], a, {"epoch": 1, "val_accuracy": 0.71, "device_s_total": 2.5})
+    callback.on_trial_result(2, [a, b], b, {"epoch": 2, "val_accuracy": 0.8, "device_s_total": 4.0})
+    callback.on_trial_complete(3, [a, b], a)
+    callback.on_trial_error(4, [a, b], b)
+    callback.on_experiment_end([a, b])
+
+
+def test_plain_lines_name_each_trial_its_progress_and_the_devices():
+    view = SweepView("sweep 'q'")
+    out = io.StringIO()
+    callback = ConsoleCallback(view, ["osc"], _describe, stream=out, live=False, print_every_s=1e9)
+    view.devices["osc"].update({"rows": 100, "utilisation_recent": 0.5, "queued_rows": 7}, now=10.0)
+    view.devices["osc"].update({"rows": 400, "utilisation_recent": 0.75, "queued_rows": 3}, now=12.0)
+    _run_events(callback)
+    text = out.getvalue()
+    last = text.strip().split("\n\n")[-1].splitlines() if "\n\n" in text else text.splitlines()[-4:]
+    assert last[0] == "sweep 'q': 1 done, 1 error"
+    assert "t1" in last[1] and "lr=0.03" in last[1] and "epoch     1/3" in last[1] and "val 0.7100" in last[1] \
+        and "device_s     2.5" in last[1] and last[1].endswith("DONE")
+    assert "t2" in last[2] and "lr=0.1" in last[2] and "val 0.8000" in last[2] and last[2].endswith("ERROR")
+    assert last[3] == "  device osc: utilisation 75%, queued rows 3, 150 rows/s"  # 300 rows in 2 s
+    # the end of the sweep does not print the same block twice
+    blocks = [b for b in text.split("sweep 'q':") if b]
+    assert len(blocks) == len(set(blocks))
+
+
+def test_a_restarted_device_counting_from_zero_keeps_its_last_rate():
+    line = DeviceLine("osc")
+    line.update({"rows": 1000}, now=0.0)
+    line.update({"rows": 1100}, now=1.0)
+    line.update({"rows": 5}, now=2.0)  # restarted actor: counts from zero, no negative rate
+    assert line.rows_per_s == pytest.approx(100.0)
+
+
+def test_terminal_view_is_a_rich_table_redrawn_in_place():
+    out = io.StringIO()
+    callback = ConsoleCallback(SweepView("sweep 'q'"), ["osc"], _describe, stream=out, live=True)
+    _run_events(callback)
+    text = out.getvalue()
+    assert "what varies" in text and "lr=0.03" in text and "val_accuracy" in text and "rows/s" in text
+    assert callback._live is None  # stopped at the end of the experiment
+
+
+def test_callback_pickles_without_its_stream_or_writer():
+    import pickle
+
+    callback = ConsoleCallback(SweepView("s"), ["osc"], _describe, writer=object(), stream=io.StringIO(),
+                               live=False)
+    back = pickle.loads(pickle.dumps(callback))
+    assert back.writer is None and back.view.title == "s" and "osc" in back.view.devices
+
+
+def test_check_refuses_more_cpus_per_trial_than_the_local_ray_has(tmp_path):
+    from farm.sweep import usable_cpus
+
+    raw = {"devices": [{"name": "osc", "system": {"kind": "oscillators", "n": 16}}],
+           "data": {"kind": "digits", "limit": 100},
+           "train": {"method": "pat", "epochs": 1, "encoder": {"kind": "downsample", "size": [4, 4]}},
+           "sweep": {"trial_cpus": usable_cpus() + 1}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "farm.cli", "sweep", str(path), "--check"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "sweep.trial_cpus" in proc.stderr and f"at most {usable_cpus()}" in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()
