@@ -21,6 +21,12 @@ def _uri(args) -> str:
         from .config import load_config
 
         config_uri = load_config(args.config).tracking.uri
+    if config_uri is None and getattr(args, "journal", None):
+        # `physfarm report --journal PATH`, as printed after an outage: the journal names its store
+        from .mlflow_ops import journal_uri
+
+        first = Path(args.journal[0])
+        config_uri = journal_uri(first) if first.is_file() else None
     uri = resolve_tracking_uri(args.tracking_uri, config_uri)
     check_reachable(uri)
     db = sqlite_path(uri)

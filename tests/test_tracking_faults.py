@@ -170,9 +170,10 @@ def test_report_replays_a_journal_left_by_a_sweep(server, tmp_path, capsys, monk
     j.call("set_terminated", run=parent, status="FINISHED")
     assert j.pending == 5
     server.start()
-    # report opens a writer of its own on the journal's folder and replays from disk, as a new process would
+    # report opens a writer of its own on the journal's folder and replays from disk, as a new process
+    # would; the command as the sweep prints it: no --tracking-uri, the journal names its store
     capsys.readouterr()
-    assert main(["report", "--tracking-uri", server.url, "--json"]) == 0
+    assert main(["report", "--journal", str(folder / JOURNAL), "--json"]) == 0
     captured = capsys.readouterr()
     board = json.loads(captured.out)
     assert board["sweep"] == "left" and board["status"] == "FINISHED"
