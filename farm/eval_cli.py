@@ -21,13 +21,14 @@ from pathlib import Path
 from .errors import ConfigError
 
 
-def _devices(meta: dict, args) -> tuple[dict, list]:
-    """{name: connected DeviceClient} for each of the model's devices, and the devices started now."""
+def _devices(meta: dict, args) -> tuple[dict[str, str], list]:
+    """{the model's device name: the device to measure on}, and the DeviceConfigs to start for that:
+    a standing device of the name is used as it is; else, or with --set, one is started from the
+    system config the model recorded (with the overrides; named <name>-eval then)."""
     from actors.instrument.server import parse_sets
 
-    from .client import DeviceClient
     from .config import DeviceConfig, DeviceList, check_systems
-    from .pool import find_device, start_device
+    from .pool import find_device
     from .sweep import init_ray
 
     try:
@@ -40,19 +41,19 @@ def _devices(meta: dict, args) -> tuple[dict, list]:
             raise ConfigError(f"--device: '{args.device}' is not one of the model's devices {names}")
         names = [args.device]
     init_ray(args.address)
-    started, clients = [], {}
-    for i, name in enumerate(names):
-        recorded = meta["devices"][list(meta["devices"])[i]]
+    to_start, where = [], {}
+    for own, name in zip(meta["devices"], names):
+        recorded = meta["devices"][own]
         if find_device(name) is None or sets:
             if recorded is None:
                 raise ConfigError(f"--device: no device '{name}' runs in the cluster and the model recorded no "
                                   f"system config to start one; start it (physfarm devices up) or give --address")
             dev = DeviceConfig(name=f"{name}-eval" if sets else name, system={**recorded, **sets})
             check_systems(DeviceList(devices=[dev]))  # a bad --set names the field before anything starts
-            started.append((dev, start_device(dev)))
+            to_start.append(dev)
             name = dev.name
-        clients[list(meta["devices"])[i]] = DeviceClient(name, client_id="eval").connect()
-    return clients, started
+        where[own] = name
+    return where, to_start
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -63,7 +64,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data import DataConfig, load_dataset
     from .mlflow_ops import MlflowWriter, tracking_uri_scope
     from .models import bind, meta_of
-    from .pool import stop_device
+    from .client import DeviceClient
+    from .pool import devices_started
     from .runinfo import current_user, physfarm_version
     from .tables import format_table
     from .tracking import context_tags, resolve_tracking_uri
@@ -80,17 +82,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data_cfg["path"] = args.data_path
     data = load_dataset(DataConfig(**data_cfg))
     x, y = (data.x_test, data.y_test) if args.split == "test" else (data.x_val, data.y_val)
-    started = []
     where = "the twin (offline)"
-    try:
-        if not args.offline and meta["method"] != "digital":
-            clients, started = _devices(meta, args)
+    if args.offline or meta["method"] == "digital":
+        pred = model.predict(x.numpy())
+    else:
+        names, to_start = _devices(meta, args)
+        with devices_started(to_start):
+            clients = {own: DeviceClient(name, client_id="eval").connect() for own, name in names.items()}
             bind(model, clients if len(clients) > 1 else next(iter(clients.values())))
             where = ", ".join(f"device '{c.name}'" for c in clients.values())
-        pred = model.predict(x.numpy())
-    finally:
-        for dev, _handles in started:
-            stop_device(dev.name, 1)
+            pred = model.predict(x.numpy())
     y_true = y.numpy().astype(np.int64)
     accuracy = float((pred == y_true).mean())
     counts = plots.confusion_counts(y_true, pred, data.n_classes)

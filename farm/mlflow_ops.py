@@ -27,6 +27,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -285,6 +286,12 @@ OPS = ("create_run", "log_batch", "set_terminated", "update_run", "set_tag", "lo
        "outcome", "failure", "register_model", "log_inputs")
 
 
+# One journal file, one writer per process: a callback Tune unpickles on a resume finds the sweep's
+# open writer by its folder (MlflowWriter.for_folder) rather than opening a second one on that file.
+# Weak: a writer nobody holds any more leaves the table.
+_OPEN_WRITERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
 class MlflowWriter:
     """The MLflow writes of one sweep or training, done at once or kept in the journal in `folder` and
     replayed (see the module's docstring and farm/journal.py). Constructing it does no I/O; `open()`
@@ -309,7 +316,16 @@ class MlflowWriter:
             self._client = MlflowClient(tracking_uri=self.uri)
         self._ops = MlflowOps(self._client, self.journal.say)
         self.journal.open()
+        _OPEN_WRITERS[str(self.folder.resolve())] = self
         return self
+
+    @classmethod
+    def for_folder(cls, uri: str, folder: str | Path) -> MlflowWriter:
+        """The writer this process has open on `folder`'s journal for `uri`, else a new one, opened."""
+        found = _OPEN_WRITERS.get(str(Path(folder).resolve()))
+        if found is not None and found.uri == uri:
+            return found
+        return cls(uri, folder).open()
 
     @property
     def client(self) -> MlflowClient:

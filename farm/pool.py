@@ -9,7 +9,9 @@ that are not up and stops them at its end.
 """
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import ray
@@ -179,6 +181,22 @@ def stop_device(dev_name: str, replicas: int | None = None, close_timeout_s: flo
     for handle in handles:
         ray.kill(handle, no_restart=True)
     return len(handles)
+
+
+@contextlib.contextmanager
+def devices_started(devices: Iterable[DeviceConfig]) -> Iterator[list[DeviceConfig]]:
+    """Start each device that is not already up (a standing device of that name is used as it is),
+    yield the ones started here, and stop exactly those at the end, also on an error or Ctrl-C.
+    A sweep, `physfarm train` and `physfarm eval` all hold their devices so."""
+    started: list[tuple[DeviceConfig, list]] = []  # the handles too: a non-detached actor lives by them
+    try:
+        for dev in devices:
+            if find_device(dev.name) is None:
+                started.append((dev, start_device(dev)))
+        yield [dev for dev, _handles in started]
+    finally:
+        for dev, _handles in started:
+            stop_device(dev.name, dev.replicas)
 
 
 def pool_status(timeout_s: float = 3.0) -> list[dict]:

@@ -7,6 +7,7 @@ from their last checkpoint, and the same parent run and child runs go on.
 """
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import logging
@@ -21,10 +22,10 @@ from ray import tune
 
 from .config import FarmConfig
 from .errors import ConfigError
-from .pool import find_device, start_device, stop_device
+from .pool import devices_started
 from .journal import PLACEHOLDER
 from .mlflow_ops import MlflowWriter, is_outage, limit_http_retries
-from .tracking import PARENT_TAG, MLflowCallback, SweepTracker, check_reachable, hand_writer, resolve_tracking_uri
+from .tracking import PARENT_TAG, MLflowCallback, SweepTracker, check_reachable, resolve_tracking_uri
 from .console import ConsoleCallback, SweepView
 from .runinfo import run_context, run_name
 from .trainable import run_trial
@@ -200,140 +201,212 @@ class TrialDescription:
         return run_name(resolved, self.keys, trial.trial_id), int(epochs) if isinstance(epochs, int) else None
 
 
+class SweepStatus(str, enum.Enum):
+    """Where a sweep stands; also what its marker file records (`status`)."""
+
+    PREPARED = "prepared"        # store, journal and Ray ready; no parent run yet
+    RUNNING = "running"          # the parent run is open and Tune runs the trials
+    FINISHED = "finished"        # every trial ended (TERMINATED or ERROR)
+    INTERRUPTED = "interrupted"  # stopped with trials left (Ctrl-C, SIGTERM, Tune failing): --resume goes on
+    FAILED = "failed"            # nothing ran (the Tune run could not be built): a new start may follow
+
+
+@dataclass
+class SweepPlan:
+    """What `prepare` settles and every later phase reads (and `status`, which they move on)."""
+
+    cfg: FarmConfig
+    name: str
+    uri: str
+    folder: Path
+    marker: dict | None  # the earlier run's marker when resuming
+    journal: MlflowWriter
+    tracker: SweepTracker
+    context: dict
+    devices: list[str]
+    keys: list[str]  # what varies between trials (leaderboard columns, run names)
+    resume_errored: bool = False
+    status: SweepStatus = SweepStatus.PREPARED
+    parent: str | None = None
+
+    @property
+    def finished_before(self) -> bool:
+        """A resumed sweep that had finished: Tune has nothing to run, and nothing is written again."""
+        return self.marker is not None and self.marker.get("status") == SweepStatus.FINISHED.value
+
+
 def run_sweep(cfg: FarmConfig, address: str | None = None, tracking_uri: str | None = None,
               name: str | None = None, verbose: int = 0, resume: bool = False,
               resume_errored: bool = False, flush_wait_s: float | None = None,
               show: bool = False, stream=None) -> SweepOutcome:
-    """verbose: Tune's own tables (1) or none (0); show: physfarm's live view of the trials and devices
+    """Run a sweep in its phases: prepare, devices started, run, collect, finish.
+
+    verbose: Tune's own tables (1) or none (0); show: physfarm's live view of the trials and devices
     on `stream` (stdout; redrawn in place on a terminal, periodic lines otherwise).
     flush_wait_s (default: tracking.flush_wait_s): how long the end of the sweep waits for a tracking
     store that is down to answer again before it leaves the kept MLflow writes in the journal
     (replayed by `physfarm report` or `--resume`)."""
-    if flush_wait_s is None:
-        flush_wait_s = cfg.tracking.flush_wait_s
+    plan = prepare(cfg, address, tracking_uri, name, resume, resume_errored)
+    with devices_started(cfg.devices):
+        grid = run(plan, verbose=verbose, show=show, stream=stream)
+    outcome = collect(plan, grid)
+    return finish(plan, outcome, cfg.tracking.flush_wait_s if flush_wait_s is None else flush_wait_s)
+
+
+def prepare(cfg: FarmConfig, address: str | None = None, tracking_uri: str | None = None,
+            name: str | None = None, resume: bool = False, resume_errored: bool = False) -> SweepPlan:
+    """Check the store and the sweep folder, open the sweep's MLflow writer (replaying what an earlier
+    run of it kept), start or join Ray. Opens no run and starts no device."""
     uri = resolve_tracking_uri(tracking_uri, cfg.tracking.uri)
     check_reachable(uri)
     name = sweep_name(cfg, name)
-    storage = storage_path(cfg)
-    folder = Path(storage) / name
+    folder = Path(storage_path(cfg)) / name
     marker = check_resumable(cfg, uri, name, resume)
     limit_http_retries()
-    journal = MlflowWriter(uri, folder).open()  # the sweep's MLflow writes, its tracker's and callback's
+    journal = MlflowWriter(uri, folder).open()  # the sweep's MLflow writes, its tracker's and callbacks'
     if marker is not None:
         _replay_before_resume(journal, marker, folder)
     init_ray(address)
-    devices = [d.name for d in cfg.devices]
+    keys = _sampled_keys(cfg)
+    context = run_context(cfg, keys, cfg.tracking.user)
+    return SweepPlan(cfg=cfg, name=name, uri=uri, folder=folder, marker=marker, journal=journal,
+                     tracker=SweepTracker(journal, cfg.tracking.experiment, name, context), context=context,
+                     devices=[d.name for d in cfg.devices], keys=keys, resume_errored=resume_errored)
 
-    # Devices this sweep starts live as long as their handles: keep them until the sweep ends.
-    started: list[tuple] = []
-    context = run_context(cfg, _sampled_keys(cfg), cfg.tracking.user)
-    tracker = SweepTracker(journal, cfg.tracking.experiment, name, context)
-    # A resumed sweep that had finished: Tune has nothing to run, and nothing is written again.
-    finished_before = marker is not None and marker.get("status") == "finished"
-    fitting = ended = interrupted = False
+
+def run(plan: SweepPlan, verbose: int = 0, show: bool = False, stream=None):
+    """Open (or reopen) the parent run and let Tune run the trials; returns Tune's ResultGrid. On the
+    way out, also on an error or a second Ctrl-C, the sweep's state is recorded: what ran is kept and
+    `--resume` continues it."""
     try:
-        for dev in cfg.devices:
-            if find_device(dev.name) is None:  # a standing device of that name is used as it is
-                started.append((dev, start_device(dev)))
-        if finished_before:
-            parent = tracker.parent_run_id = journal.resolve(marker["parent_run_id"])
-            tracker.experiment_id = marker.get("experiment_id")
-        elif marker is not None:
-            parent = tracker.resume(journal.resolve(marker["parent_run_id"]))
-        else:
-            parent = tracker.start(cfg.model_dump(mode="json"), [d.model_dump(mode="json") for d in cfg.devices])
-        write_marker(folder, parent_run_id=parent, experiment_id=tracker.experiment_id,
-                     experiment=cfg.tracking.experiment, tracking_uri=uri, config_digest=config_digest(cfg),
-                     status="running")
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, data=cfg.data.model_dump(mode="json"), devices=devices,
-                                 pbt=uses_pbt(cfg)),
-            {"cpu": cfg.sweep.trial_cpus},
-        )
-        if marker is not None:
-            tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True,
-                                       resume_errored=resume_errored)
-            hand_writer(tuner, journal)  # the restored MLflowCallback writes through the sweep's journal
-        else:
-            sched = cfg.sweep.scheduler
-            watch = [k for k in _leaf_paths(sched.hyperparam_mutations or {})] if uses_pbt(cfg) else []
-            callback = MLflowCallback(journal, tracker.experiment_id, parent, name, devices, watch, context)
-            callbacks = [callback]
-            if show:
-                callbacks.append(ConsoleCallback(SweepView(f"sweep '{name}'"), devices,
-                                                 TrialDescription(_sampled_keys(cfg), devices),
-                                                 writer=journal, parent_run=parent, stream=stream))
-            tuner = tune.Tuner(
-                trainable,
-                param_space=build_param_space(cfg),
-                tune_config=tune.TuneConfig(
-                    metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=cfg.sweep.num_samples,
-                    max_concurrent_trials=cfg.sweep.max_concurrent_trials, search_alg=build_search(cfg),
-                    scheduler=build_scheduler(cfg), reuse_actors=True,
-                ),
-                run_config=tune.RunConfig(
-                    name=name, storage_path=storage, callbacks=callbacks, verbose=verbose,
-                    # A trial whose worker fails or dies is retried from its last checkpoint.
-                    failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
-                    # PBT clones other trials' checkpoints: keep them all (Tune warns about <= 2).
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None if uses_pbt(cfg) else 2),
-                ),
-            )
-        fitting = True
+        _open_parent(plan)
+        tuner = _tuner(plan, verbose, show, stream)
+        plan.status = SweepStatus.RUNNING
         grid = tuner.fit()
-        interrupted = _unfinished(folder, len(grid), expected_trials(cfg))
-        ended = True
+        plan.status = SweepStatus.INTERRUPTED if _stopped_early(plan, len(grid)) else SweepStatus.FINISHED
+        return grid
     except BaseException:
-        interrupted = True  # a second Ctrl-C, or Tune failing: what ran is kept; --resume continues
+        plan.status = SweepStatus.INTERRUPTED if plan.status is SweepStatus.RUNNING else SweepStatus.FAILED
         raise
     finally:
-        for dev, _handles in started:
-            stop_device(dev.name, dev.replicas)
-        if tracker.parent_run_id is not None and not fitting:  # nothing ran: a new start may follow
-            tracker.finish(None, "FAILED")
-            write_marker(folder, status="failed")
-        elif tracker.parent_run_id is not None and (interrupted or not ended):
-            tracker.interrupt()
-            write_marker(folder, status="interrupted")
-        if tracker.parent_run_id is not None and (interrupted or not ended):
-            _end_journal(journal, name, 0.0, folder)
+        _record_unfinished(plan)
 
-    outcome = SweepOutcome(name, uri, cfg.tracking.experiment, parent, storage_path=storage,
-                           interrupted=interrupted, resumed=marker is not None)
-    runs = _child_runs(tracker, journal)
-    keys = _sampled_keys(cfg)
-    statuses = _saved_statuses(folder) if interrupted else {}
-    live = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
-    for i, result in enumerate(grid):
-        trial_id = (result.metrics or {}).get("trial_id") or (live[i].trial_id if i < len(live) else None) \
-            or Path(result.path).name
-        resolved = resolve_train(dict((result.config or {}).get("train", {})), devices)
-        status_of = "ERROR" if result.error else statuses.get(trial_id, "TERMINATED")
+
+def collect(plan: SweepPlan, grid) -> SweepOutcome:
+    """One row per trial from Tune's results: what varied, its metrics, status, error and MLflow run."""
+    outcome = SweepOutcome(plan.name, plan.uri, plan.cfg.tracking.experiment, plan.parent,
+                           storage_path=str(plan.folder.parent),
+                           interrupted=plan.status is SweepStatus.INTERRUPTED, resumed=plan.marker is not None)
+    runs = _child_runs(plan.tracker, plan.journal)
+    saved = _saved_trials(plan.folder)  # Tune's saved state: each result's trial id and last status
+    by_path = {str(t.path): t for t in saved.values()}
+    for result in grid:
+        trial = by_path.get(str(result.path))
+        trial_id = (result.metrics or {}).get("trial_id") or (trial.trial_id if trial else Path(result.path).name)
+        resolved = resolve_train(dict((result.config or {}).get("train", {})), plan.devices)
+        status = "ERROR" if result.error else "TERMINATED"
+        if outcome.interrupted and trial_id in saved:
+            status = "ERROR" if result.error else saved[trial_id].status
         outcome.rows.append(TrialRow(
             trial_id=trial_id,
-            config={k: _pick(resolved, k) for k in keys},
+            config={k: _pick(resolved, k) for k in plan.keys},
             metrics=dict(result.metrics or {}),
-            status=status_of,
+            status=status,
             error=_last_line(result.error) if result.error else None,
             run_id=runs.get(trial_id),
         ))
-    outcome.journal_path = str(journal.path)
-    if interrupted:
-        outcome.journal_pending = journal.pending
+    outcome.journal_path = str(plan.journal.path)
+    return outcome
+
+
+def finish(plan: SweepPlan, outcome: SweepOutcome, flush_wait_s: float) -> SweepOutcome:
+    """A finished sweep: the parent run gets the leaderboard, the best trial and its registered model;
+    the journal is flushed; the marker says finished. An interrupted one is left as `run` recorded it."""
+    if plan.status is not SweepStatus.FINISHED:
+        outcome.journal_pending = plan.journal.pending
         return outcome
+    cfg, journal = plan.cfg, plan.journal
     board = outcome.leaderboard(cfg.sweep.metric, cfg.sweep.mode)
     best = board[0] if board and board[0].status == "TERMINATED" else None
-    if not finished_before:
-        tracker.finish({"trial_id": best.trial_id, "run_id": best.run_id, "metrics": best.metrics} if best else None,
-                       leaderboard=[_row_json(i, r, cfg.sweep.metric) for i, r in enumerate(board, 1)],
-                       model_name=cfg.tracking.model_name or name)
-    outcome.journal_pending = _end_journal(journal, name, flush_wait_s, folder)
-    outcome.parent_run_id = journal.resolve(parent)
+    if not plan.finished_before:
+        plan.tracker.finish(
+            {"trial_id": best.trial_id, "run_id": best.run_id, "metrics": best.metrics} if best else None,
+            leaderboard=[_row_json(i, r, cfg.sweep.metric) for i, r in enumerate(board, 1)],
+            model_name=cfg.tracking.model_name or plan.name)
+    outcome.journal_pending = _end_journal(journal, plan.name, flush_wait_s, plan.folder)
+    outcome.parent_run_id = journal.resolve(plan.parent)
     for row in outcome.rows:
         row.run_id = journal.resolve(row.run_id)
-    write_marker(folder, status="finished", parent_run_id=outcome.parent_run_id,
+    write_marker(plan.folder, status=SweepStatus.FINISHED.value, parent_run_id=outcome.parent_run_id,
                  journal_pending=outcome.journal_pending)
     return outcome
+
+
+def _open_parent(plan: SweepPlan) -> None:
+    """The sweep's parent run: new, reopened for a resume, or (a finished sweep resumed) only looked up."""
+    tracker, journal, marker, cfg = plan.tracker, plan.journal, plan.marker, plan.cfg
+    if plan.finished_before:
+        plan.parent = tracker.parent_run_id = journal.resolve(marker["parent_run_id"])
+        tracker.experiment_id = marker.get("experiment_id")
+    elif marker is not None:
+        plan.parent = tracker.resume(journal.resolve(marker["parent_run_id"]))
+    else:
+        plan.parent = tracker.start(cfg.model_dump(mode="json"), [d.model_dump(mode="json") for d in cfg.devices])
+    write_marker(plan.folder, parent_run_id=plan.parent, experiment_id=tracker.experiment_id,
+                 experiment=cfg.tracking.experiment, tracking_uri=plan.uri, config_digest=config_digest(cfg),
+                 status=SweepStatus.RUNNING.value)
+
+
+def _tuner(plan: SweepPlan, verbose: int, show: bool, stream):
+    """The Tune run: restored from the sweep folder on a resume (its callbacks come back from Tune's
+    state and find the sweep's writer by its folder), else new, with the MLflow callback and, when
+    shown, the console."""
+    cfg, storage = plan.cfg, str(plan.folder.parent)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, data=cfg.data.model_dump(mode="json"), devices=plan.devices,
+                             pbt=uses_pbt(cfg)),
+        {"cpu": cfg.sweep.trial_cpus},
+    )
+    if plan.marker is not None:
+        return tune.Tuner.restore(str(plan.folder), trainable, resume_unfinished=True,
+                                  resume_errored=plan.resume_errored)
+    sched = cfg.sweep.scheduler
+    watch = [k for k in _leaf_paths(sched.hyperparam_mutations or {})] if uses_pbt(cfg) else []
+    callbacks = [MLflowCallback(plan.journal, plan.tracker.experiment_id, plan.parent, plan.name, plan.devices,
+                                watch, plan.context)]
+    if show:
+        callbacks.append(ConsoleCallback(SweepView(f"sweep '{plan.name}'"), plan.devices,
+                                         TrialDescription(plan.keys, plan.devices),
+                                         writer=plan.journal, parent_run=plan.parent, stream=stream))
+    return tune.Tuner(
+        trainable,
+        param_space=build_param_space(cfg),
+        tune_config=tune.TuneConfig(
+            metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=cfg.sweep.num_samples,
+            max_concurrent_trials=cfg.sweep.max_concurrent_trials, search_alg=build_search(cfg),
+            scheduler=build_scheduler(cfg), reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=plan.name, storage_path=storage, callbacks=callbacks, verbose=verbose,
+            # A trial whose worker fails or dies is retried from its last checkpoint.
+            failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
+            # PBT clones other trials' checkpoints: keep them all (Tune warns about <= 2).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None if uses_pbt(cfg) else 2),
+        ),
+    )
+
+
+def _record_unfinished(plan: SweepPlan) -> None:
+    """A sweep that did not finish: its parent run and marker say how it ended, and the journal gets
+    one quick flush (what the store does not take now stays kept for --resume or `physfarm report`)."""
+    if plan.tracker.parent_run_id is None or plan.status is SweepStatus.FINISHED:
+        return
+    if plan.status is SweepStatus.FAILED:  # nothing ran: a new start may follow
+        plan.tracker.finish(None, "FAILED")
+    else:
+        plan.tracker.interrupt()
+    write_marker(plan.folder, status=plan.status.value)
+    _end_journal(plan.journal, plan.name, 0.0, plan.folder)
 
 
 def _replay_before_resume(journal, marker: dict, folder: Path) -> None:
@@ -398,27 +471,26 @@ def expected_trials(cfg: FarmConfig) -> int:
     return n * grid_points(cfg.train)
 
 
-def _unfinished(folder: Path, seen: int, expected: int) -> bool:
+def _stopped_early(plan: SweepPlan, seen: int) -> bool:
     """Did Tune stop before every trial ended (Ctrl-C, SIGTERM)? Tune's last saved experiment state
-    tells (the live trial objects are already cleaned up), and trials not yet created count too."""
-    from ray.tune import ExperimentAnalysis
-
+    tells (its live trial objects are cleaned up by now); trials never created count too."""
+    expected = expected_trials(plan.cfg)
     if seen < expected:
         return True
-    try:
-        trials = ExperimentAnalysis(str(folder)).trials
-    except Exception:  # noqa: BLE001 - no readable state: assume it ended
+    saved = _saved_trials(plan.folder)
+    if not saved:  # no readable state: take it that it ended
         return False
-    return any(t.status not in ("TERMINATED", "ERROR") for t in trials) or len(trials) < expected
+    return len(saved) < expected or any(t.status not in ("TERMINATED", "ERROR") for t in saved.values())
 
 
-def _saved_statuses(folder: Path) -> dict[str, str]:
-    """Each trial's status in Tune's last saved experiment state (PENDING/RUNNING/PAUSED: unfinished)."""
+def _saved_trials(folder: Path) -> dict:
+    """{trial id: trial} from Tune's last saved experiment state (public ExperimentAnalysis): each
+    trial's status (PENDING/RUNNING/PAUSED: unfinished) and result folder; {} when none is readable."""
     from ray.tune import ExperimentAnalysis
 
     try:
-        return {t.trial_id: t.status for t in ExperimentAnalysis(str(folder)).trials}
-    except Exception:  # noqa: BLE001
+        return {t.trial_id: t for t in ExperimentAnalysis(str(folder)).trials}
+    except Exception:  # noqa: BLE001 - no readable state
         return {}
 
 
@@ -457,4 +529,4 @@ def _row_json(rank: int, row: TrialRow, metric: str) -> dict:
             "epoch": row.metrics.get("epoch"), "device_s_total": row.metrics.get("device_s_total"), "error": row.error}
 
 
-__all__ = ["run_sweep", "SweepOutcome", "TrialRow", "init_ray", "check_resumable", "read_marker", "PARENT_TAG"]
+__all__ = ["run_sweep", "prepare", "run", "collect", "finish", "SweepPlan", "SweepStatus", "SweepOutcome", "TrialRow", "init_ray", "check_resumable", "read_marker", "PARENT_TAG"]

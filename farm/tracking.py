@@ -267,7 +267,8 @@ class MLflowCallback(tune.Callback):
     training nor loses a write.
 
     Tune pickles the callback with its experiment state and, on a resume, unpickles it: the writer is
-    not pickled, and `hand_writer` gives the restored callback the resumed sweep's writer.
+    not pickled: the restored callback writes through the writer this process has open on the sweep's
+    folder (the resumed sweep's, MlflowWriter.for_folder), else one of its own there.
     """
 
     def __init__(self, writer: MlflowWriter, experiment_id: str, parent_run_id: str, sweep_name: str,
@@ -285,17 +286,14 @@ class MLflowCallback(tune.Callback):
         self._done: set[str] = set()
         self._restarts: dict[str, int] = {}
 
-    def attach(self, writer: MlflowWriter) -> None:
-        self._writer = writer
-
     @property
     def writer(self) -> MlflowWriter:
         if self._writer is None:
-            # Unpickled where no one handed it a writer: Tune under Ray Client restores it in the
-            # cluster's process, which has no other writer on this sweep's folder. (A callback pickled
-            # before the folder was recorded writes through a throwaway folder.)
+            # Unpickled by Tune (a resume): the resumed sweep's writer on this folder, or under Ray
+            # Client, where Tune restores it in the cluster's process, one of its own. (A callback
+            # pickled before the folder was recorded writes through a throwaway folder.)
             folder = self.journal_dir or tempfile.mkdtemp(prefix="physfarm-journal-")
-            self._writer = MlflowWriter(self.uri, folder).open()
+            self._writer = MlflowWriter.for_folder(self.uri, folder)
         return self._writer
 
     def __getstate__(self):  # Tune pickles callbacks (experiment state); the writer holds a lock and a client
@@ -412,19 +410,6 @@ class MLflowCallback(tune.Callback):
         self.writer.call("failure", run=run_id, text=_error_text(trial))
         self.writer.call("outcome", run=run_id, folder=None, title=f"{self.sweep_name}/{trial.trial_id}")
         self.writer.call("set_terminated", run=run_id, status=RunStatus.to_string(RunStatus.FAILED))
-
-
-def hand_writer(tuner, writer: MlflowWriter) -> None:
-    """Give the MLflowCallbacks of a Tuner restored from its folder the resumed sweep's writer, so
-    that they and the sweep's tracker write through one journal. Tune restores callbacks from its
-    pickled state and offers no public way to reach them; under Ray Client the tuner runs in the
-    cluster (there is no local one), and its callbacks open their own writer on the sweep folder."""
-    local = getattr(tuner, "_local_tuner", None)
-    if local is None:
-        return
-    for callback in local.get_run_config().callbacks or []:
-        if isinstance(callback, MLflowCallback):
-            callback.attach(writer)
 
 
 def _pick(node: dict, path: str):

@@ -115,15 +115,12 @@ def run_training(cfg, train_cfg, method_name: str, uri: str, address: str | None
     store is down the writes are kept in a journal under the config's storage_path and replayed when it
     answers, so an outage neither stops the training nor loses a write."""
 
-    from trainers.registry import method
-
-    from .data import load_dataset
     from .mlflow_ops import MlflowWriter, limit_http_retries
-    from .pool import find_device, start_device, stop_device
-    from .sweep import init_ray, storage_path
+    from .pool import devices_started
     from .runinfo import run_context
-    from .tracking import constant_params, context_tags, epoch_rows, log_run_facts, outcome_facts
-    from .trainable import EpochReporter, connect_devices, trial_devices
+    from .sweep import init_ray, storage_path
+    from .tracking import context_tags, log_run_facts, outcome_facts
+    from .trainable import trial_devices
 
     stream = stream or sys.stderr
     resolved = train_cfg.model_dump(mode="json")
@@ -133,37 +130,17 @@ def run_training(cfg, train_cfg, method_name: str, uri: str, address: str | None
     experiment_id = writer.experiment(cfg.tracking.experiment)
 
     init_ray(address)
-    started = [cfg.device(n) for n in trial_devices(train_cfg) if find_device(n) is None]
-    handles = [start_device(dev) for dev in started]  # the actors live as long as their handles
     context = run_context(cfg, user=cfg.tracking.user)
     run_id = writer.call("create_run", experiment_id=experiment_id, run_name=run_name,
                          tags={"physfarm.kind": "train", "physfarm.method": method_name,
                                "physfarm.device": str(train_cfg.device), **context_tags(context)})
     log_run_facts(writer, run_id, resolved, context)  # the same params, config.yaml and data set as a trial
-    keep = Path(tempfile.mkdtemp(prefix="physfarm-train-"))
-    bar = None if quiet else ProgressBar(train_cfg.epochs, stream)
-    last: dict = {}
-
-    def sink(metrics: dict, folder: Path | None) -> None:
-        last.clear()
-        last.update(metrics)
-        writer.call("log_batch", run=run_id, metrics=epoch_rows(metrics, int(metrics.get("epoch", 0))),
-                    params=constant_params(metrics))
-        if folder is not None:  # keep the latest checkpoint folder for the final artifacts
-            shutil.rmtree(keep, ignore_errors=True)
-            shutil.copytree(folder, keep)
-        if bar is not None:
-            bar.update(int(metrics.get("epoch", 0)), metrics)
-
+    keep = Path(tempfile.mkdtemp(prefix="physfarm-train-"))  # the latest checkpoint, for the final artifacts
+    last: dict = {}  # the latest epoch's metrics
     try:
-        device = connect_devices(train_cfg, f"train/{run_id}")
-        data = load_dataset(cfg.data)
-        m = method(method_name)
-        reporter = EpochReporter(device, method_name, train_cfg, data, sink)
-        m.train(train_cfg, device, data, report=reporter, state=None)
-    except BaseException as err:
-        if bar is not None:
-            bar.close()
+        with devices_started(cfg.device(n) for n in trial_devices(train_cfg)):
+            _train(cfg, method_name, train_cfg, writer, run_id, keep, last, quiet, stream)
+    except BaseException as err:  # the devices are stopped by now; the run records the failure
         import traceback
 
         writer.call("failure", run=run_id, text="".join(traceback.format_exception(err)))
@@ -177,12 +154,6 @@ def run_training(cfg, train_cfg, method_name: str, uri: str, address: str | None
         print(f"physfarm train: failed: {type(err).__name__}: {lines[-1] if lines else ''} "
               f"(MLflow run {writer.resolve(run_id)})", file=sys.stderr)
         return 1
-    finally:
-        for dev in started:
-            stop_device(dev.name, dev.replicas)
-        handles.clear()
-    if bar is not None:
-        bar.close()
     writer.call("outcome", run=run_id, folder=str(keep), title=run_name, **outcome_facts(resolved, context))
     writer.call("set_terminated", run=run_id, status="FINISHED")
     shutil.rmtree(keep, ignore_errors=True)
@@ -193,6 +164,39 @@ def run_training(cfg, train_cfg, method_name: str, uri: str, address: str | None
           if isinstance(acc, (int, float)) else "Trained: no test accuracy reported")
     print(f"MLflow: experiment '{cfg.tracking.experiment}', run {writer.resolve(run_id)}, store {uri}")
     return 0
+
+
+def _train(cfg, method_name: str, train_cfg, writer, run_id: str, keep: Path, last: dict, quiet: bool,
+           stream) -> None:
+    """The training itself, with its devices up: each epoch's metrics to the run, its checkpoint to
+    `keep`, the latest metrics to `last`, a progress bar to `stream`."""
+    from trainers.registry import method
+
+    from .data import load_dataset
+    from .tracking import constant_params, epoch_rows
+    from .trainable import EpochReporter, connect_devices
+
+    bar = None if quiet else ProgressBar(train_cfg.epochs, stream)
+
+    def sink(metrics: dict, folder: Path | None) -> None:
+        last.clear()
+        last.update(metrics)
+        writer.call("log_batch", run=run_id, metrics=epoch_rows(metrics, int(metrics.get("epoch", 0))),
+                    params=constant_params(metrics))
+        if folder is not None:
+            shutil.rmtree(keep, ignore_errors=True)
+            shutil.copytree(folder, keep)
+        if bar is not None:
+            bar.update(int(metrics.get("epoch", 0)), metrics)
+
+    try:
+        device = connect_devices(train_cfg, f"train/{run_id}")
+        data = load_dataset(cfg.data)
+        reporter = EpochReporter(device, method_name, train_cfg, data, sink)
+        method(method_name).train(train_cfg, device, data, report=reporter, state=None)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def journal_folder(storage: str | Path, run_name: str) -> Path:

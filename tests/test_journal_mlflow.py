@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from farm.journal import PLACEHOLDER
 from farm.mlflow_ops import JOURNAL, WRITE_ID_TAG, MlflowWriter, is_outage, replay_file
-from farm.tracking import PARENT_TAG, MLflowCallback, hand_writer
+from farm.tracking import PARENT_TAG, MLflowCallback, SweepTracker
 
 
 class FlakyClient:
@@ -125,7 +125,9 @@ def test_mlflow_writes_survive_an_outage_and_replay_once(tmp_path):
 def test_a_write_the_store_refuses_is_raised_and_an_unopened_writer_refuses(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     w = MlflowWriter(uri, tmp_path / "sweep")
-    assert not (tmp_path / "mlflow.db").exists()  # constructing does no I/O
+    tracker = SweepTracker(w, "exp", "sweep", {"user": "ada"})  # nor does a tracker on it
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "sweep").exists()  # no I/O yet
+    assert tracker.parent_run_id is None and tracker.experiment_id is None
     with pytest.raises(RuntimeError, match="call open"):
         w.call("set_tag", run="r", key="k", value="v")
     w.open()
@@ -182,8 +184,10 @@ def test_the_tune_callback_writes_through_the_writer_it_is_handed(ray_session, t
     run = MlflowClient(uri).get_run(next(iter(w.trial_runs.values())))
     assert run.info.status == "FINISHED" and run.data.tags[PARENT_TAG] == parent
 
-    restored = tune.Tuner.restore(str(folder), one_epoch)
+    # a resume: the sweep opens its writer on the folder, then Tune unpickles the callback
     again = MlflowWriter(uri, folder).open()
-    hand_writer(restored, again)
-    callbacks = [c for c in restored._local_tuner.get_run_config().callbacks if isinstance(c, MLflowCallback)]
-    assert len(callbacks) == 1 and callbacks[0].writer is again and callbacks[0].parent_run_id == parent
+    restored = pickle.loads(pickle.dumps(callback))
+    assert restored.writer is again and restored.parent_run_id == parent
+    elsewhere = pickle.loads(pickle.dumps(MLflowCallback(w, exp, parent, "cb")))
+    elsewhere.journal_dir = str(tmp_path / "other")  # no writer open there: it opens its own
+    assert elsewhere.writer is not again and elsewhere.writer.folder == tmp_path / "other"
