@@ -3,7 +3,6 @@ with the same params, metrics and artifacts as a sweep's trial. Real Ray (the de
 MLflow (SQLite)."""
 from __future__ import annotations
 
-import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
