@@ -13,6 +13,11 @@ from .errors import ConfigError
 EXIT_NOTHING = 1
 
 
+# MLflow 3's UI opens a browser's first visit in its GenAI view (traces, judges) whatever the
+# experiment's kind; this query switches it to the model-training view (runs, charts, models).
+ML_VIEW = "#/experiments?workflowType=machine_learning"
+
+
 def _uri(args) -> str:
     from .tracking import check_reachable, resolve_tracking_uri, sqlite_path
 
@@ -206,7 +211,8 @@ def cmd_ui(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"physfarm ui: warning: listening on {args.host}: anyone who can reach this machine can read "
               f"and change the runs (MLflow's UI has no login)", file=sys.stderr)
-    print(f"MLflow UI on http://{args.host}:{args.port} for {uri} (Ctrl-C stops it)", file=sys.stderr)
+    print(f"MLflow UI on http://{args.host}:{args.port} for {uri} (Ctrl-C stops it); the runs and charts in "
+          f"its model-training view: http://{args.host}:{args.port}/{ML_VIEW}", file=sys.stderr)
     sys.stderr.flush()
     sys.stdout.flush()
     os.execv(cmd[0], cmd)  # the UI replaces this process: signals reach it directly

@@ -57,6 +57,7 @@ class SweepOutcome:
     resumed: bool = False
     journal_pending: int = 0  # MLflow writes still kept in journal_path (the store was down at the end)
     journal_path: str = ""
+    experiment_id: str | None = None
 
     @property
     def path(self) -> str:
@@ -316,6 +317,7 @@ def collect(plan: SweepPlan, grid) -> SweepOutcome:
             run_id=runs.get(trial_id),
         ))
     outcome.journal_path = str(plan.journal.path)
+    outcome.experiment_id = plan.tracker.experiment_id
     return outcome
 
 
@@ -330,7 +332,8 @@ def finish(plan: SweepPlan, outcome: SweepOutcome, flush_wait_s: float) -> Sweep
     best = board[0] if board and board[0].status == "TERMINATED" else None
     if not plan.finished_before:
         plan.tracker.finish(
-            {"trial_id": best.trial_id, "run_id": best.run_id, "metrics": best.metrics} if best else None,
+            {"trial_id": best.trial_id, "run_id": best.run_id, "metrics": _best_figures(best, cfg.sweep.metric)}
+            if best else None,
             leaderboard=[_row_json(i, r, cfg.sweep.metric) for i, r in enumerate(board, 1)],
             model_name=cfg.tracking.model_name or plan.name)
     outcome.journal_pending = _end_journal(journal, plan.name, flush_wait_s, plan.folder)
@@ -340,6 +343,14 @@ def finish(plan: SweepPlan, outcome: SweepOutcome, flush_wait_s: float) -> Sweep
     write_marker(plan.folder, status=SweepStatus.FINISHED.value, parent_run_id=outcome.parent_run_id,
                  journal_pending=outcome.journal_pending)
     return outcome
+
+
+def _best_figures(best: TrialRow, metric: str) -> dict:
+    """What the parent run shows of its best trial (logged as best_<name>): the ranking metric at the
+    checkpoint it selected, that checkpoint's test accuracy and epoch, and its device seconds."""
+    figures = {metric: selected_value(best.metrics, metric)}
+    figures.update({k: best.metrics.get(k) for k in ("test_accuracy", "selected_epoch", "device_s_total")})
+    return {k: v for k, v in figures.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _open_parent(plan: SweepPlan) -> None:

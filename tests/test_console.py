@@ -4,12 +4,9 @@ the end. No Ray: the events are called as Tune calls them."""
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
-import yaml
 
 from farm.console import ConsoleCallback, DeviceLine, SweepView
 
@@ -76,19 +73,3 @@ def test_callback_pickles_without_its_stream_or_writer():
                                live=False)
     back = pickle.loads(pickle.dumps(callback))
     assert back.writer is None and back.view.title == "s" and "osc" in back.view.devices
-
-
-def test_check_refuses_more_cpus_per_trial_than_the_local_ray_has(tmp_path):
-    from farm.sweep import usable_cpus
-
-    raw = {"devices": [{"name": "osc", "system": {"kind": "oscillators", "n": 16}}],
-           "data": {"kind": "digits", "limit": 100},
-           "train": {"method": "pat", "epochs": 1, "encoder": {"kind": "downsample", "size": [4, 4]}},
-           "sweep": {"trial_cpus": usable_cpus() + 1}}
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    proc = subprocess.run([sys.executable, "-m", "farm.cli", "sweep", str(path), "--check"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert "sweep.trial_cpus" in proc.stderr and f"at most {usable_cpus()}" in proc.stderr
-    assert not (tmp_path / "mlflow.db").exists()

@@ -79,6 +79,12 @@ def test_mixed_sweep_logs_everything_caps_devices_and_records_failures(ray_sessi
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["physfarm.best_trial"] == outcome.leaderboard()[0].trial_id
     assert parent.data.params["sweep.metric"] == "val_accuracy" and "best_val_accuracy" in parent.data.metrics
+    best = outcome.leaderboard()[0]
+    assert parent.data.metrics["best_val_accuracy"] == best.metrics["best_val_accuracy"]  # at its selected epoch
+    assert parent.data.metrics["best_test_accuracy"] == best.metrics["test_accuracy"]
+    assert {k for k in parent.data.metrics if k.startswith("best_")} <= {
+        "best_val_accuracy", "best_test_accuracy", "best_selected_epoch", "best_device_s_total"}
+    assert outcome.experiment_id == parent.info.experiment_id  # the printed UI link's experiment
     assert {"sweep_config.yaml", "device_pool.yaml", "leaderboard.json"} <= _artifacts(client, parent.info.run_id)
 
     assert len(children) == 4
