@@ -216,14 +216,19 @@ def _check_data(cfg: FarmConfig) -> None:
         cfg.data.path = str(path)  # absolute, so trials on any worker read the same file
 
 
+def validated(model, raw: dict):
+    """raw validated as the pydantic `model`; a validation error as one ConfigError naming the field."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
 def parse_config(raw: Any, source: str = "config") -> FarmConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with keys "
                           f"devices, data, train, sweep, tracking; got {type(raw).__name__}")
-    try:
-        cfg = FarmConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err)) from None
+    cfg = validated(FarmConfig, raw)
     check_systems(cfg)
     _check_data(cfg)
     _check_train(cfg)

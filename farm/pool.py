@@ -16,13 +16,12 @@ from pathlib import Path
 
 import ray
 
-from pydantic import ValidationError
 
 from actors.device_actor import DeviceActor
 from actors.errors import DeviceError
 
-from .config import DeviceConfig, DeviceList, check_systems, read_yaml
-from .errors import ConfigError, format_validation_error
+from .config import DeviceConfig, DeviceList, check_systems, read_yaml, validated
+from .errors import ConfigError
 
 NAMESPACE = "physfarm"
 _ACTOR_NAME = re.compile(r"^(?P<device>[A-Za-z0-9][A-Za-z0-9_.-]*)#(?P<replica>\d+)$")
@@ -47,10 +46,7 @@ def parse_pool(raw, source: str = "pool") -> PoolConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with the key 'devices' "
                           f"(a list of devices as in a sweep config); got {type(raw).__name__}")
-    try:
-        pool = PoolConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err)) from None
+    pool = validated(PoolConfig, raw)
     check_systems(pool)
     return pool
 

@@ -63,7 +63,8 @@ def _short(value) -> str:
     return str(value)
 
 
-def _pick(node: dict, path: str):
+def pick(node: dict, path: str):
+    """The value at a dotted path ("pat.lr") of a nested config, or None where it is absent."""
     for part in path.split("."):
         if not isinstance(node, dict) or part not in node:
             return None
@@ -73,8 +74,8 @@ def _pick(node: dict, path: str):
 
 def run_name(resolved: dict, name_keys: list[str], fallback: str) -> str:
     """`lr=0.03 seed=1`: the trial's values of what the sweep varies (the trial id when nothing does)."""
-    parts = [f"{key.rsplit('.', 1)[-1]}={_short(_pick(resolved, key))}" for key in name_keys
-             if _pick(resolved, key) is not None]
+    parts = [f"{key.rsplit('.', 1)[-1]}={_short(pick(resolved, key))}" for key in name_keys
+             if pick(resolved, key) is not None]
     return " ".join(parts)[:250] or fallback
 
 

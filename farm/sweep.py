@@ -27,7 +27,7 @@ from .journal import PLACEHOLDER
 from .mlflow_ops import MlflowWriter, is_outage, limit_http_retries
 from .tracking import PARENT_TAG, MLflowCallback, SweepTracker, check_reachable, resolve_tracking_uri
 from .console import ConsoleCallback, SweepView
-from .runinfo import run_context, run_name
+from .runinfo import pick, run_context, run_name
 from .trainable import run_trial
 from .trainspec import resolve_train
 from .tuning import build_param_space, build_scheduler, build_search, uses_pbt
@@ -118,15 +118,6 @@ def init_ray(address: str | None) -> None:
     else:
         ray.init(num_cpus=usable_cpus(), namespace="physfarm", include_dashboard=False,
                  log_to_driver=False, logging_level=logging.ERROR)
-
-
-def _pick(config: dict, path: str):
-    node = config
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def sweep_name(cfg: FarmConfig, name: str | None = None) -> str:
@@ -310,7 +301,7 @@ def collect(plan: SweepPlan, grid) -> SweepOutcome:
             status = "ERROR" if result.error else saved[trial_id].status
         outcome.rows.append(TrialRow(
             trial_id=trial_id,
-            config={k: _pick(resolved, k) for k in plan.keys},
+            config={k: pick(resolved, k) for k in plan.keys},
             metrics=dict(result.metrics or {}),
             status=status,
             error=_last_line(result.error) if result.error else None,

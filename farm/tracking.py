@@ -29,7 +29,7 @@ from ray import tune
 from .errors import ConfigError
 from .journal import PLACEHOLDER
 from .mlflow_ops import MlflowWriter, is_outage, sqlite_path  # noqa: F401 - sqlite_path: read here by report
-from .runinfo import dataset_input, device_params, run_name
+from .runinfo import dataset_input, device_params, pick, run_name
 
 # Keys Tune adds to every result; they are bookkeeping, not training metrics.
 TUNE_KEYS = {
@@ -378,7 +378,7 @@ class MLflowCallback(tune.Callback):
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         watched = {}
         for path in self.watch:
-            value = _pick(trial.config.get("train", {}), path)
+            value = pick(trial.config.get("train", {}), path)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 watched[f"hp.{path}"] = float(value)
         self.writer.call("log_batch", run=run_id, metrics=epoch_rows(result, step, watched),
@@ -410,14 +410,6 @@ class MLflowCallback(tune.Callback):
         self.writer.call("failure", run=run_id, text=_error_text(trial))
         self.writer.call("outcome", run=run_id, folder=None, title=f"{self.sweep_name}/{trial.trial_id}")
         self.writer.call("set_terminated", run=run_id, status=RunStatus.to_string(RunStatus.FAILED))
-
-
-def _pick(node: dict, path: str):
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def _error_text(trial) -> str:
