@@ -110,8 +110,10 @@ def cmd_sweep(args) -> int:
         print(f"Open the MLflow UI:  physfarm ui --tracking-uri {outcome.tracking_uri}   "
               f"(or: {_mlflow_ui_command(outcome.tracking_uri)})")
         if outcome.experiment_id:
-            print(f"  then browse to http://127.0.0.1:5000/#/experiments/{outcome.experiment_id}"
-                  f"?workflowType=machine_learning   (the sweep's trials, in MLflow's model-training view)")
+            from .report import ui_link
+
+            print(f"  then browse to {ui_link('http://127.0.0.1:5000', outcome.experiment_id)}   "
+                  f"(the sweep's trials, in MLflow's model-training view)")
     else:
         print(f"Open the MLflow UI:  {outcome.tracking_uri}")
     if outcome.interrupted:

@@ -25,6 +25,12 @@ class TrialLine:
     device_s: float | None = None
     status: str = "PENDING"
 
+    def cells(self) -> tuple[str, str, str]:
+        """(epoch "3/6", val accuracy, device seconds) as shown, "-" where not known yet."""
+        return (f"{self.epoch}/{self.epochs}" if self.epochs else str(self.epoch),
+                f"{self.val_accuracy:.4f}" if self.val_accuracy is not None else "-",
+                f"{self.device_s:.1f}" if self.device_s is not None else "-")
+
 
 @dataclass
 class DeviceLine:
@@ -32,7 +38,6 @@ class DeviceLine:
     utilisation: float = 0.0
     queued_rows: int = 0
     rows_per_s: float = 0.0
-    restarted: bool = False
     _rows: int | None = None
     _at: float | None = None
 
@@ -67,9 +72,7 @@ class SweepView:
         done = ", ".join(f"{n} {s.lower()}" for s, n in sorted(self.counts().items()))
         out = [f"{self.title}: {done or 'starting'}"]
         for t in self.trials.values():
-            epoch = f"{t.epoch}/{t.epochs}" if t.epochs else str(t.epoch)
-            val = f"{t.val_accuracy:.4f}" if t.val_accuracy is not None else "-"
-            dev = f"{t.device_s:.1f}" if t.device_s is not None else "-"
+            epoch, val, dev = t.cells()
             out.append(f"  {t.trial_id}  {t.label:<28} epoch {epoch:>7}  val {val}  device_s {dev:>7}  {t.status}")
         for d in self.devices.values():
             out.append(f"  device {d.name}: utilisation {d.utilisation:.0%}, queued rows {d.queued_rows}, "
@@ -86,9 +89,7 @@ class SweepView:
                               ("val_accuracy", "right"), ("device_s", "right"), ("status", "left")):
             trials.add_column(name, justify=justify)
         for t in self.trials.values():
-            trials.add_row(t.trial_id, t.label, f"{t.epoch}/{t.epochs}" if t.epochs else str(t.epoch),
-                           f"{t.val_accuracy:.4f}" if t.val_accuracy is not None else "-",
-                           f"{t.device_s:.1f}" if t.device_s is not None else "-", t.status)
+            trials.add_row(t.trial_id, t.label, *t.cells(), t.status)
         devices = Table(expand=False)
         for name in ("device", "utilisation", "queued rows", "rows/s"):
             devices.add_column(name, justify="left" if name == "device" else "right")
@@ -129,14 +130,21 @@ class ConsoleCallback(tune.Callback):
         self.stream = sys.stdout
 
     # -- Tune's events -------------------------------------------------------------------------------
+    def _line(self, trial) -> TrialLine:
+        """The trial's line; a trial met for the first time is described (its config resolved) once."""
+        line = self.view.trials.get(trial.trial_id)
+        if line is None:
+            label, epochs = self.describe(trial)
+            line = self.view.trial(trial.trial_id, label)
+            line.epochs = epochs
+        return line
+
     def on_trial_start(self, iteration, trials, trial, **info):
-        label, epochs = self.describe(trial)
-        line = self.view.trial(trial.trial_id, label)
-        line.status, line.epochs = "RUNNING", epochs
+        self._line(trial).status = "RUNNING"
         self._draw()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        line = self.view.trial(trial.trial_id, self.describe(trial)[0])
+        line = self._line(trial)
         line.status = "RUNNING"
         line.epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         line.val_accuracy = result.get("val_accuracy", line.val_accuracy)
@@ -144,11 +152,11 @@ class ConsoleCallback(tune.Callback):
         self._draw()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.view.trial(trial.trial_id, self.describe(trial)[0]).status = "DONE"
+        self._line(trial).status = "DONE"
         self._draw(force=not self.live_wanted)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.view.trial(trial.trial_id, self.describe(trial)[0]).status = "ERROR"
+        self._line(trial).status = "ERROR"
         self._draw(force=not self.live_wanted)
 
     def on_step_begin(self, iteration, trials, **info):

@@ -96,17 +96,12 @@ def tracking_uri_scope(uri: str):
     sweep of this process would inherit and write to."""
     import mlflow
 
-    before_env = os.environ.get("MLFLOW_TRACKING_URI")
-    before = mlflow.get_tracking_uri() if before_env is not None else None
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
-        if before_env is None:
-            mlflow.set_tracking_uri(None)  # back to "not set": unsets the variable too
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            mlflow.set_tracking_uri(before)
+        mlflow.set_tracking_uri(before)  # None: back to "not set", which unsets the variable too
 
 
 def sqlite_path(uri: str) -> Path | None:

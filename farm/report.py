@@ -13,9 +13,12 @@ from .errors import ConfigError
 EXIT_NOTHING = 1
 
 
-# MLflow 3's UI opens a browser's first visit in its GenAI view (traces, judges) whatever the
-# experiment's kind; this query switches it to the model-training view (runs, charts, models).
-ML_VIEW = "#/experiments?workflowType=machine_learning"
+def ui_link(base: str, experiment_id: str | None = None) -> str:
+    """The UI's address of the experiments (or of one) in its model-training view (runs, charts,
+    models): MLflow 3's UI opens a browser's first visit in its GenAI view (traces, judges) whatever
+    the experiment's kind, and this query switches it."""
+    where = f"experiments/{experiment_id}" if experiment_id else "experiments"
+    return f"{base}/#/{where}?workflowType=machine_learning"
 
 
 def _uri(args) -> str:
@@ -212,7 +215,7 @@ def cmd_ui(args) -> int:
         print(f"physfarm ui: warning: listening on {args.host}: anyone who can reach this machine can read "
               f"and change the runs (MLflow's UI has no login)", file=sys.stderr)
     print(f"MLflow UI on http://{args.host}:{args.port} for {uri} (Ctrl-C stops it); the runs and charts in "
-          f"its model-training view: http://{args.host}:{args.port}/{ML_VIEW}", file=sys.stderr)
+          f"its model-training view: {ui_link(f'http://{args.host}:{args.port}')}", file=sys.stderr)
     sys.stderr.flush()
     sys.stdout.flush()
     os.execv(cmd[0], cmd)  # the UI replaces this process: signals reach it directly

@@ -220,6 +220,7 @@ class SweepPlan:
     resume_errored: bool = False
     status: SweepStatus = SweepStatus.PREPARED
     parent: str | None = None
+    saved: dict = field(default_factory=dict)  # trial id -> trial, Tune's saved state after the run
 
     @property
     def finished_before(self) -> bool:
@@ -275,6 +276,7 @@ def run(plan: SweepPlan, verbose: int = 0, show: bool = False, stream=None):
         tuner = _tuner(plan, verbose, show, stream)
         plan.status = SweepStatus.RUNNING
         grid = tuner.fit()
+        plan.saved = _saved_trials(plan.folder)
         plan.status = SweepStatus.INTERRUPTED if _stopped_early(plan, len(grid)) else SweepStatus.FINISHED
         return grid
     except BaseException:
@@ -290,15 +292,14 @@ def collect(plan: SweepPlan, grid) -> SweepOutcome:
                            storage_path=str(plan.folder.parent),
                            interrupted=plan.status is SweepStatus.INTERRUPTED, resumed=plan.marker is not None)
     runs = _child_runs(plan.tracker, plan.journal)
-    saved = _saved_trials(plan.folder)  # Tune's saved state: each result's trial id and last status
-    by_path = {str(t.path): t for t in saved.values()}
+    by_path = {str(t.path): t for t in plan.saved.values()}  # each result's trial in Tune's saved state
     for result in grid:
         trial = by_path.get(str(result.path))
         trial_id = (result.metrics or {}).get("trial_id") or (trial.trial_id if trial else Path(result.path).name)
         resolved = resolve_train(dict((result.config or {}).get("train", {})), plan.devices)
-        status = "ERROR" if result.error else "TERMINATED"
-        if outcome.interrupted and trial_id in saved:
-            status = "ERROR" if result.error else saved[trial_id].status
+        # an interrupted sweep's trials may be unfinished (PENDING, RUNNING, PAUSED): their saved status
+        status = "ERROR" if result.error else \
+            plan.saved[trial_id].status if outcome.interrupted and trial_id in plan.saved else "TERMINATED"
         outcome.rows.append(TrialRow(
             trial_id=trial_id,
             config={k: pick(resolved, k) for k in plan.keys},
@@ -479,10 +480,9 @@ def _stopped_early(plan: SweepPlan, seen: int) -> bool:
     expected = expected_trials(plan.cfg)
     if seen < expected:
         return True
-    saved = _saved_trials(plan.folder)
-    if not saved:  # no readable state: take it that it ended
+    if not plan.saved:  # no readable state: take it that it ended
         return False
-    return len(saved) < expected or any(t.status not in ("TERMINATED", "ERROR") for t in saved.values())
+    return len(plan.saved) < expected or any(t.status not in ("TERMINATED", "ERROR") for t in plan.saved.values())
 
 
 def _saved_trials(folder: Path) -> dict:
