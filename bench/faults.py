@@ -184,6 +184,79 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
+def _proc_net_listeners() -> dict[int, tuple[str, int]]:
+    """Socket inode -> (address, port) of every TCP socket in LISTEN state (/proc/net/tcp*)."""
+    found = {}
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], int(fields[9])
+            if state != "0A":  # TCP_LISTEN
+                continue
+            addr, hexport = local.split(":")
+            if width == 8:
+                ip = socket.inet_ntop(socket.AF_INET, bytes.fromhex(addr)[::-1])
+            else:
+                raw = b"".join(bytes.fromhex(addr[i:i + 8])[::-1] for i in range(0, 32, 8))
+                ip = socket.inet_ntop(socket.AF_INET6, raw)
+            found[inode] = (ip, int(hexport, 16))
+    return found
+
+
+def process_tree(pid: int) -> set[int]:
+    """`pid` and all its descendants alive now (from /proc/*/stat)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry))
+    tree, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        if p not in tree:
+            tree.add(p)
+            todo.extend(parents.get(p, []))
+    return tree
+
+
+def listening_sockets(pids) -> set[tuple[str, int, int]]:
+    """(address, port, pid) of each TCP socket in LISTEN state held by one of `pids` (found through
+    their file descriptors' socket inodes in /proc/PID/fd and /proc/net/tcp*)."""
+    listeners = _proc_net_listeners()
+    held = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inode = int(target[8:-1])
+                if inode in listeners:
+                    held.add((*listeners[inode], pid))
+    return held
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1, or an IPv4-mapped loopback (::ffff:127.x.y.z)."""
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
 class MLflowServer:
     """A real `mlflow server` on a loopback port with a SQLite backend (`db`) in `root`, for crashing
     and bringing back: kill() SIGKILLs its whole process group (its workers too: a crash, not a clean

@@ -83,6 +83,9 @@ def cmd_sweep(args) -> int:
 
     uri = resolve_tracking_uri(args.tracking_uri, cfg.tracking.uri)  # a refused URI is a config error too
     check_trial_cpus(cfg, args.address)
+    if args.lan and args.address:
+        raise ConfigError(f"--lan starts a local Ray on this machine's network address; --address "
+                          f"{args.address} joins a running one instead: give one of the two")
     if getattr(args, "check", False):
         return _report_check(cfg, uri)
     check_reachable(uri)  # an unreachable tracking server: one line, before anything starts
@@ -91,8 +94,9 @@ def cmd_sweep(args) -> int:
         quiet_libraries()
     from .sweep import init_ray
 
-    init_ray(args.address)
+    address = init_ray(args.address, lan=args.lan)
     _forward_sigterm()  # after ray.init, which installs its own SIGTERM handler
+    print(ray_banner(address, joined=bool(args.address), lan=args.lan), flush=True)
     outcome = run_sweep(cfg, address=args.address, tracking_uri=args.tracking_uri,
                         verbose=1 if args.verbose else 0, resume=args.resume or args.resume_errored,
                         resume_errored=args.resume_errored, show=not args.quiet)
@@ -124,6 +128,15 @@ def cmd_sweep(args) -> int:
     return 1 if failed and len(failed) == len(outcome.rows) else 0
 
 
+def ray_banner(address: str, joined: bool, lan: bool = False) -> str:
+    """The line that says which Ray a command uses and how another shell attaches to it."""
+    from .raycluster import attach_command
+
+    whose = "joined" if joined else ("started for this run, on the network (--lan)" if lan
+                                      else "started for this run, on 127.0.0.1 only")
+    return f"Ray: {address} ({whose}); its devices from another shell: {attach_command(address)}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="physfarm", description="Train physical neural networks on a "
                                      "farm of devices and simulators (Ray Tune + MLflow).")
@@ -132,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run a Ray Tune sweep from a YAML config")
     p.add_argument("config", help="sweep config YAML (see examples/quickstart.yaml)")
     p.add_argument("--address", default=None, help="existing Ray cluster address (default: start a local Ray)")
+    p.add_argument("--lan", action="store_true",
+                   help="without --address: start the local Ray on this machine's network address, so that "
+                        "lab PCs can join it (`ray start --address`); by default it listens on 127.0.0.1 only")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, the config's, or ./mlflow.db)")
     p.add_argument("--quiet", action="store_true", help="no live view of the trials and devices (the leaderboard "

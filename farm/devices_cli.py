@@ -3,51 +3,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
+
+from .raycluster import NoCluster
 
 EXIT_NO_CLUSTER = 1
 
-_HOW_TO_START = (
-    "start one first: `ray start --head` on this machine (lab PCs join with `ray start "
-    "--address=HEAD_IP:6379 --resources='{\"optics_table\": 1}'`, or `ray up cluster.yaml`; see "
-    "docs/pool.md), or pass --address HOST:6379 of a running cluster"
-)
 
+def connect(address: str = "auto") -> str:
+    """Join an existing Ray cluster in the physfarm namespace (never starts one); returns its address.
+    Token authentication is handled as the cluster needs it (farm/raycluster.py)."""
+    from .raycluster import join
 
-class NoCluster(RuntimeError):
-    pass
-
-
-def _probe(address: str) -> None:
-    """A quick TCP check of HOST:PORT (ray.init would otherwise retry for minutes)."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host, int(port)), timeout=3.0).close()
-    except OSError as err:
-        raise NoCluster(f"no Ray cluster answers at --address {address} ({err.strerror or err}); "
-                        f"{_HOW_TO_START}") from None
-
-
-def connect(address: str = "auto") -> None:
-    """Join an existing Ray cluster in the physfarm namespace (never starts one)."""
-    import logging
-
-    import ray
-
-    NAMESPACE = "physfarm"  # farm.pool's; not imported here so that a refusal comes fast
-
-    if ray.is_initialized():
-        return
-    if address not in ("auto",) and not address.startswith("ray://"):
-        _probe(address)
-    try:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
-    except ConnectionError as err:
-        raise NoCluster(f"no Ray cluster found at --address {address} ({str(err).splitlines()[0]}); "
-                        f"{_HOW_TO_START}") from None
+    return join(address)
 
 
 def _fail(msg: str) -> int:

@@ -227,7 +227,7 @@ def pool_status(timeout_s: float = 3.0) -> list[dict]:
                 system=info["system"], utilisation=stats["utilisation_recent"],
                 queued_rows=stats["queued_rows"], queued_requests=stats["queued_requests"],
                 active_clients=stats["active_clients"], lease=lease,
-                calls=stats["calls"], rows=stats["rows"],
+                calls=stats["calls"], rows=stats["rows"], clients=stats["clients"],
             )
         rows.append(row)
     return rows

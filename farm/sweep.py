@@ -10,7 +10,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-import logging
 import os
 import sys
 import time
@@ -110,14 +109,17 @@ def check_trial_cpus(cfg: FarmConfig, address: str | None) -> None:
             f"sweep.trial_cpus to at most {have}, or run on a larger cluster with --address")
 
 
-def init_ray(address: str | None) -> None:
+def init_ray(address: str | None, lan: bool = False) -> str:
+    """Join the cluster at `address` (farm/raycluster.py: token authentication as the cluster needs
+    it), or start a local Ray for this process on 127.0.0.1 only (`lan`: on the machine's network
+    address, for lab PCs to join). Returns the address of the Ray in use."""
+    from .raycluster import current_address, join, start_local
+
     if ray.is_initialized():
-        return
+        return current_address()
     if address:
-        ray.init(address=address, namespace="physfarm", log_to_driver=False, logging_level=logging.ERROR)
-    else:
-        ray.init(num_cpus=usable_cpus(), namespace="physfarm", include_dashboard=False,
-                 log_to_driver=False, logging_level=logging.ERROR)
+        return join(address)
+    return start_local(usable_cpus(), lan=lan)
 
 
 def sweep_name(cfg: FarmConfig, name: str | None = None) -> str:

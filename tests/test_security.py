@@ -63,6 +63,9 @@ JOIN = textwrap.dedent("""
 
 def test_sweep_ray_keeps_token_authentication_on(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # That Ray listens on 127.0.0.1 only; a plain ray.init joins it in Ray's single-machine mode (else
+    # it rewrites 127.0.0.1 into the machine's network address, where nothing listens).
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     env["HOME"] = str(tmp_path)  # the token Ray generates goes to $HOME/.ray/auth_token: a fresh one
     head = subprocess.Popen([sys.executable, "-c", HEAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).parent.parent)

@@ -1,0 +1,282 @@
+"""A real lab cluster, as people start one: `ray start --head` (token authentication on, as Ray turns
+it on when a token exists) and a second raylet, `ray start --address ... --resources '{"device_x": 1}'`
+(the PC with the device), each its own process group stopped by its own PID. Everything physfarm
+does runs in separate processes with nothing exported beyond Ray's own token file: the CLI brings a
+pool up, two people's sweeps and two people's clients share the one device.
+
+And the Ray a local `physfarm sweep` starts: listening on loopback only, measured by PID.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench.faults import free_port, is_loopback, listening_sockets, process_tree
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+TOKEN = "0123456789abcdef" * 4
+
+
+def _env(home: Path, **extra) -> dict:
+    """A user's shell: no RAY_* or PHYSFARM_* variables (nothing exported for physfarm), this HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PHYSFARM_"))}
+    env.update(HOME=str(home), PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+class RayNode:
+    """One `ray start ... --block` process in a process group of its own (its GCS, raylet and workers
+    with it): stopped by killing that group only, never `ray stop` (other Rays run here)."""
+
+    def __init__(self, args: list[str], env: dict, log: Path):
+        self.log = log
+        self.proc = subprocess.Popen([RAY, "start", *args, "--block", "--disable-usage-stats"], env=env,
+                                     stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self) -> None:
+        for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                try:
+                    os.killpg(self.proc.pid, 0)
+                except ProcessLookupError:
+                    self.proc.wait(5)
+                    return
+                time.sleep(0.2)
+
+
+def physfarm(*args, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "farm.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=timeout)
+
+
+NODES = textwrap.dedent("""
+    import json, sys
+    import ray
+    from farm.raycluster import join
+    join(sys.argv[1])
+    print(json.dumps([{"id": n["NodeID"], "device_x": n["Resources"].get("device_x", 0)}
+                      for n in ray.nodes() if n["Alive"]]))
+""")
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lab")
+    home = root / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(TOKEN)  # the documented place of a Ray token
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    # The head: Ray turns token authentication on by itself since a token exists (no RAY_AUTH_MODE).
+    head = RayNode(["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
+                    "--include-dashboard", "false", "--temp-dir", str(root / "ray")], _env(home), root / "head.log")
+    nodes = [head]
+    try:
+        env = _env(home)
+        deadline = time.monotonic() + 90
+        while "Ray runtime started" not in head.log.read_text():
+            assert head.proc.poll() is None and time.monotonic() < deadline, head.log.read_text()[-3000:]
+            time.sleep(0.3)
+        assert "Token authentication is enabled" in head.log.read_text()
+        # The PC with the device joins as Ray documents it for a token cluster (RAY_AUTH_MODE=token).
+        worker = RayNode(["--address", address, "--num-cpus", "0", "--resources", '{"device_x": 1}'],
+                         _env(home, RAY_AUTH_MODE="token"), root / "worker.log")
+        nodes.append(worker)
+        while True:
+            out = subprocess.run([sys.executable, "-c", NODES, address], capture_output=True, text=True,
+                                 env=env, cwd=REPO, timeout=120)
+            assert out.returncode == 0, out.stderr[-3000:]
+            listed = json.loads(out.stdout)
+            if len(listed) == 2:
+                break
+            assert worker.proc.poll() is None and time.monotonic() < deadline, worker.log.read_text()[-3000:]
+            time.sleep(0.5)
+        device_node = next(n["id"] for n in listed if n["device_x"])
+        yield {"address": address, "home": home, "root": root, "env": env, "device_node": device_node}
+    finally:
+        for node in reversed(nodes):
+            node.stop()
+
+
+POOL = ("devices:\n  - name: optics\n    system: {kind: oscillators, n: 16, latency_call_s: 0.002}\n"
+        "    resources: {device_x: 1}\n")
+
+
+@pytest.fixture(scope="module")
+def pool(lab):
+    path = lab["root"] / "pool.yaml"
+    path.write_text(POOL)
+    up = physfarm("devices", "up", str(path), "--address", lab["address"], env=lab["env"])
+    assert up.returncode == 0, up.stderr[-3000:]
+    assert "up: optics (oscillators, 1 replica)" in up.stdout
+    assert "InvalidAuthToken" not in up.stderr
+    yield path
+    physfarm("devices", "down", "--address", lab["address"], env=lab["env"])
+
+
+def _ls(lab) -> list[dict]:
+    out = physfarm("devices", "ls", "--address", lab["address"], "--json", env=lab["env"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def test_pool_comes_up_on_the_node_with_the_device_with_no_auth_variable_exported(lab, pool):
+    rows = _ls(lab)
+    assert [(r["device"], r["status"]) for r in rows] == [("optics", "alive")]
+    assert rows[0]["node_id"] == lab["device_node"]
+
+
+def test_an_authentication_failure_says_so_and_how_to_fix_it(lab, tmp_path):
+    wrong = lab["env"] | {"RAY_AUTH_TOKEN": "f" * 64}
+    out = physfarm("devices", "ls", "--address", lab["address"], env=wrong)
+    assert out.returncode == 1
+    assert "refused the authentication token from the RAY_AUTH_TOKEN environment variable" in out.stderr
+    assert "ray get-auth-token" in out.stderr and "no Ray cluster found" not in out.stderr
+    assert out.stderr.count("\n") == 1, out.stderr  # one line, not Ray's retries
+    (tmp_path / "empty").mkdir()
+    none = _env(tmp_path / "empty")
+    out = physfarm("devices", "ls", "--address", lab["address"], env=none)
+    assert out.returncode == 1 and "requires token authentication and this PC has no token" in out.stderr
+    off = none | {"RAY_AUTH_MODE": "disabled"}
+    out = physfarm("devices", "ls", "--address", lab["address"], env=off)
+    assert out.returncode == 1 and "RAY_AUTH_MODE=disabled is set" in out.stderr
+    out = physfarm("devices", "ls", "--address", f"127.0.0.1:{free_port()}", env=lab["env"])
+    assert out.returncode == 1 and "no Ray cluster answers" in out.stderr
+
+
+def test_auto_never_joins_a_ray_that_ray_start_did_not_record(lab, tmp_path):
+    """`--address auto` (the default) is RAY_ADDRESS or the Ray `ray start` recorded here, never any
+    Ray found running (Ray's fallback joined another person's Ray without a word)."""
+    elsewhere = lab["env"] | {"RAY_TMPDIR": str(tmp_path)}  # where `ray start` records: nothing there
+    out = physfarm("devices", "ls", env=elsewhere)
+    assert out.returncode == 1 and "no Ray cluster was started with `ray start` on this machine" in out.stderr
+    assert f":{lab['address'].rsplit(':', 1)[1]}" in out.stderr and "pick yours with --address" in out.stderr
+    out = physfarm("devices", "ls", env=elsewhere | {"RAY_ADDRESS": lab["address"]})
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+SHARE = textwrap.dedent("""
+    import sys, threading, time
+    import numpy as np
+    from farm.client import DeviceClient
+    from farm.raycluster import join
+    address, client_id, start, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+    join(address)
+    dev = DeviceClient("optics", client_id=client_id).connect()
+    x, theta = np.full((64, 16), 0.1, np.float32), np.zeros(dev.spec.n_params, np.float32)
+    rows = [0, 0, 0]   # per sending thread
+    time.sleep(max(0.0, start - time.time()))   # both people start together
+    def send(i):
+        while time.time() < start + seconds:
+            rows[i] += dev.forward(x, theta).shape[0]
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(3)]   # 3 requests in flight
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    print(sum(rows))
+""")
+
+
+def test_two_people_in_two_processes_share_the_device_fairly_and_are_accounted(lab, pool):
+    start = time.time() + 15  # after both processes joined
+    procs = {who: subprocess.Popen([sys.executable, "-c", SHARE, lab["address"], f"{who}/notebook", str(start), "4"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=lab["env"], cwd=REPO)
+             for who in ("alice", "bob")}
+    got = {}
+    for who, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        got[who] = int(out.split()[-1])
+    clients = _ls(lab)[0]["clients"]
+    for who, rows in got.items():
+        assert clients[f"{who}/notebook"]["rows"] == rows  # the device counted what each received
+    share = got["alice"] / (got["alice"] + got["bob"])
+    assert 0.4 <= share <= 0.6, got  # round-robin between the two, both always waiting
+
+
+def test_two_sweeps_of_two_people_share_the_device(lab, pool, tmp_path):
+    procs = {}
+    for who in ("alice", "bob"):
+        raw = {
+            "devices": [{"name": "optics", "system": {"kind": "oscillators", "n": 16},
+                         "resources": {"device_x": 1}}],
+            "data": {"kind": "digits", "limit": 120},
+            "train": {"method": "pat", "device": "optics", "epochs": 1, "batch_size": 32,
+                      "encoder": {"kind": "downsample", "size": [4, 4]}},
+            "sweep": {"name": f"{who}-sweep", "trial_cpus": 1, "storage_path": str(tmp_path / who)},
+            "tracking": {"uri": f"sqlite:///{tmp_path / who}.db", "experiment": f"{who}-sweep"},
+        }
+        path = tmp_path / f"{who}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        procs[who] = subprocess.Popen(
+            [sys.executable, "-m", "farm.cli", "sweep", str(path), "--address", lab["address"], "--quiet"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=lab["env"], cwd=tmp_path)
+    outs = {}
+    for who, proc in procs.items():
+        out, err = proc.communicate(timeout=400)
+        assert proc.returncode == 0, (out[-2000:], err[-3000:])
+        outs[who] = out
+    for out in outs.values():
+        line = next(ln for ln in out.splitlines() if ln.startswith("Ray: "))
+        assert "(joined)" in line and "physfarm devices ls --address " in line
+    clients = _ls(lab)[0]["clients"]
+    for who in ("alice", "bob"):
+        served = [c for c in clients if c.startswith(f"{who}-sweep/")]
+        assert served and all(clients[c]["rows"] > 0 for c in served), clients
+
+
+# -- the Ray a local sweep starts ---------------------------------------------------------------------
+HOLD = textwrap.dedent("""
+    import sys
+    import ray
+    from farm.sweep import init_ray
+    address = init_ray(None, lan=sys.argv[1] == "lan")   # what `physfarm sweep [--lan]` does
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def ping(self):
+            return 1
+    probe = Probe.remote()
+    ray.get(probe.ping.remote())                       # a worker process too
+    print(address, flush=True)
+    sys.stdin.read()
+""")
+
+
+@pytest.mark.parametrize("lan", [False, True])
+def test_local_ray_listens_on_loopback_only_unless_lan(tmp_path, lan):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, "lan" if lan else "local"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path), cwd=REPO)
+    try:
+        address = proc.stdout.readline().strip()
+        assert address, proc.stderr.read()[-3000:] if proc.poll() is not None else "no address"
+        sockets = listening_sockets(process_tree(proc.pid))
+        assert len({pid for *_, pid in sockets}) >= 3  # the driver, GCS, raylet, the worker...
+        outside = {(ip, port) for ip, port, _ in sockets if not is_loopback(ip)}
+        if lan:
+            assert outside, sockets  # the measure sees a socket on another address when there is one
+        else:
+            assert not outside, f"listening beyond loopback: {sorted(outside)}"
+            assert address.startswith("127.0.0.1:")
+            # Another shell of the same person attaches with the address the sweep prints.
+            ls = physfarm("devices", "ls", "--address", address, env=_env(tmp_path))
+            assert ls.returncode == 0 and "no devices are up" in ls.stdout, ls.stderr[-2000:]
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
