@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .audit import AuditLog, audit_dir, audit_path, read as read_audit, replay
 from .device_stats import DeviceStats
 from .envelope import check_request
 from .errors import DeviceBusyError, DeviceError, EnvelopeError, named_error
@@ -59,6 +60,7 @@ class _Request:
     future: asyncio.Future
     token: str | None
     enqueued: float  # the stats clock's time of arrival
+    user: str = "unknown"  # the person the request is for
 
     @property
     def rows(self) -> int:
@@ -76,7 +78,7 @@ class DeviceActor:
     def __init__(self, system_config: dict, name: str = "device", max_wait_s: float = 0.0,
                  max_queue_rows: int = 1_000_000, lease_policy: str = "refuse",
                  max_lease_s: float = 7 * 86400.0, device: str | None = None, replica: int = 0,
-                 replicas: int = 1, client_policy: dict | None = None):
+                 replicas: int = 1, client_policy: dict | None = None, audit_dir_path: str | None = None):
         # Construct only: no I/O here. The system connects on the first request (or `connect()`).
         self.name = name
         self.device = device or name.split("#")[0]
@@ -105,6 +107,11 @@ class DeviceActor:
         self._connected = False
         self._started_wall = time.time()
         self._restarted = _was_restarted()
+        # Every call goes to this replica's audit file on this node (actors/audit.py); it is opened,
+        # and a restart's accounting rebuilt from it, on the first request or stats (`_audit_begin`).
+        self._audit = AuditLog(audit_path(audit_dir(audit_dir_path), self.device, replica))
+        self._audit_begun = False
+        self._restarts = 0  # this replica's restarts since it was started (from the audit log)
 
     # -- cheap methods: never queue behind device calls --------------------------------------------
     def ping(self) -> str:
@@ -139,6 +146,7 @@ class DeviceActor:
 
     def stats(self) -> dict:
         with self._lock:
+            self._audit_begin()
             now = self._stats.now()  # the stats clock: differences of two stats give exact windows
             return {
                 "name": self.name,
@@ -152,7 +160,35 @@ class DeviceActor:
                 "active_clients": self._stats.active_clients(now, also=self._queue.clients()),
                 "lease": self._leases.info(),
                 "clients": self._stats.clients(),
+                "users": self._stats.users(now),
+                "restarts": self._restarts,
+                "life": {"pid": os.getpid(), "started": self._started_wall, "restarted": self._restarted},
+                "audit": {"path": str(self._audit.path), "errors": self._audit.errors,
+                          "last_error": self._audit.last_error},
             }
+
+    def _audit_begin(self) -> None:
+        """Once per actor life (lock held): after a restart, add the earlier lives' accounting from
+        the audit log; then mark this start in it."""
+        if self._audit_begun:
+            return
+        self._audit_begun = True
+        if self._restarted:
+            old = replay(read_audit(self._audit.path))
+            self._stats.restore(old.calls, old.rows, old.requests, old.errors, old.clients)
+            self._restarts = old.restarts + 1
+        self._audit.started(self._restarted)
+
+    async def audit(self, since: float | None = None, user: str | None = None) -> list[dict]:
+        """This replica's audit records of requests (not its start events) from wall time `since`,
+        of `user` only when given. Read off the event loop (a long file takes a while)."""
+        path = self._audit.path
+
+        def load() -> list[dict]:
+            return [dict(r, replica=self.replica) for r in read_audit(path, since)
+                    if "event" not in r and (user is None or r.get("user") == user)]
+
+        return await asyncio.to_thread(load)
 
     def reset_stats(self) -> None:
         with self._lock:
@@ -170,6 +206,7 @@ class DeviceActor:
             self._cond.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
+        self._audit.close()
         try:
             self._system.close()
         except Exception:  # noqa: BLE001 - closing is best effort
@@ -212,22 +249,33 @@ class DeviceActor:
         return self._leases.admits(req.client, req.token)
 
     # -- serving ------------------------------------------------------------------------------------
-    async def forward(self, x, theta, client: str = "anonymous", lease_token: str | None = None) -> np.ndarray:
-        """Measure y[B, n_outputs] for x[B, n_inputs] with one parameter vector theta[n_params]."""
+    async def forward(self, x, theta, client: str = "anonymous", lease_token: str | None = None,
+                      user: str | None = None) -> np.ndarray:
+        """Measure y[B, n_outputs] for x[B, n_inputs] with one parameter vector theta[n_params].
+        `client` names the run or trial the request serves, `user` the person it is for."""
+        user = user or "unknown"
+        if not self._audit_begun:
+            with self._lock:
+                self._audit_begin()
         try:
             x, theta = check_request(self._spec, x, theta, device=self.name, batched_theta=False)
-        except EnvelopeError:
+        except EnvelopeError as err:
             with self._lock:
                 self._stats.refuse()
+                self._audit.refused(user, client, _rows_of(x), None, f"envelope: {str(err)[:200]}")
             raise
         rows = x.shape[0]
         loop = asyncio.get_running_loop()
         with self._cond:
-            self._refuse_if_needed(rows, client, lease_token)
-            now = self._stats.arrive(client)
+            try:
+                self._refuse_if_needed(rows, client, lease_token)
+            except DeviceError as err:
+                self._audit.refused(user, client, rows, theta, f"{type(err).__name__}: {str(err)[:200]}")
+                raise
+            now = self._stats.arrive(client, user)
             # A request larger than the device's max rows is served as several chunks, in order.
             step = self._spec.max_rows
-            chunks = [_Request(x[i : i + step], theta, client, loop.create_future(), lease_token, now)
+            chunks = [_Request(x[i : i + step], theta, client, loop.create_future(), lease_token, now, user)
                       for i in range(0, rows, step)]
             self._queue.push(client, chunks)
             self._ensure_thread(loop)
@@ -355,7 +403,8 @@ class DeviceActor:
         x = torch.from_numpy(np.concatenate([r.x for r in batch], axis=0))
         theta = call_theta([r.theta for r in batch], sizes, self._shared_theta)
         with self._lock:
-            self._stats.call_starts((r.client, r.enqueued) for r in batch)
+            started = self._stats.call_starts((r.client, r.enqueued) for r in batch)
+        t0 = time.time()
         try:
             self._connect_system()
             y = self._measure(x, theta)
@@ -363,15 +412,29 @@ class DeviceActor:
             if y.shape[0] != x.shape[0]:
                 raise DeviceError(f"returned {y.shape[0]} rows for a call of {x.shape[0]}")
         except Exception as exc:  # a device fault fails this call's requests only
+            error = named_error(exc, self.name)
             with self._lock:
-                self._stats.call_fails()
-            self._post(self._answer, batch, None, named_error(exc, self.name))
+                elapsed = self._stats.call_fails()
+            self._audit_call(batch, t0, elapsed, started, f"error: {type(error).__name__}: {str(error)[:200]}")
+            self._post(self._answer, batch, None, error)
             return
         offsets = np.cumsum([0, *sizes])
         parts = [y[offsets[i] : offsets[i + 1]] for i in range(len(batch))]
         with self._lock:
-            self._stats.call_succeeds([(r.client, n) for r, n in zip(batch, sizes)])
+            elapsed = self._stats.call_succeeds([(r.client, n) for r, n in zip(batch, sizes)])
+        # In the audit file before the answers go out: an answered request is always logged.
+        self._audit_call(batch, t0, elapsed, started, "ok")
         self._post(self._answer, batch, parts, None)
+
+    def _audit_call(self, batch: list[_Request], t0: float, elapsed: float, started: float, outcome: str) -> None:
+        total = sum(r.rows for r in batch) or 1
+        self._audit.call(t0, elapsed, ((r.user, r.client, r.rows, r.theta, elapsed * r.rows / total,
+                                        started - r.enqueued) for r in batch), outcome)
+
+
+def _rows_of(x) -> int:
+    shape = getattr(x, "shape", None)
+    return int(shape[0]) if shape else 0
 
 
 def _was_restarted() -> bool:

@@ -27,9 +27,11 @@ class ClientUsage:
     wait_s: float = 0.0
     device_s: float = 0.0
     last_seen: float = 0.0  # clock time of the client's last request
+    user: str | None = None  # the person the client's requests are for (the last one named)
 
     def public(self) -> dict:
-        return {"requests": self.requests, "rows": self.rows, "wait_s": self.wait_s, "device_s": self.device_s}
+        return {"requests": self.requests, "rows": self.rows, "wait_s": self.wait_s, "device_s": self.device_s,
+                "user": self.user}
 
 
 class DeviceStats:
@@ -59,12 +61,15 @@ class DeviceStats:
         """A request was refused before it was queued (envelope, backpressure, lease)."""
         self.refused += 1
 
-    def arrive(self, client: str) -> float:
-        """A request of `client` was queued; returns the clock time (its arrival, for `wait_s`)."""
+    def arrive(self, client: str, user: str | None = None) -> float:
+        """A request of `client` (for `user`) was queued; returns the clock time (its arrival, for `wait_s`)."""
         now = self._clock()
         if self._first_request is None:
             self._first_request = now
-        self._client(client).last_seen = now
+        usage = self._client(client)
+        usage.last_seen = now
+        if user is not None:
+            usage.user = user
         return now
 
     def call_starts(self, waiting: Iterable[tuple[str, float]]) -> float:
@@ -74,14 +79,16 @@ class DeviceStats:
             self._client(client).wait_s += start - arrived
         return start
 
-    def call_fails(self) -> None:
-        """The device call in progress raised: a device error, its busy time counted, no rows."""
-        self._end_call()
+    def call_fails(self) -> float:
+        """The device call in progress raised: a device error, its busy time counted, no rows.
+        Returns the call's length (s)."""
+        elapsed = self._end_call()
         self.errors += 1
+        return elapsed
 
-    def call_succeeds(self, served: Sequence[tuple[str, int]]) -> None:
+    def call_succeeds(self, served: Sequence[tuple[str, int]]) -> float:
         """The device call in progress answered the (client, rows) `served`: each client's share of
-        its busy time goes by rows."""
+        its busy time goes by rows. Returns the call's length (s)."""
         elapsed = self._end_call()
         total = sum(rows for _, rows in served)
         self.calls += 1
@@ -92,6 +99,24 @@ class DeviceStats:
             usage.requests += 1
             usage.rows += rows
             usage.device_s += elapsed * rows / total
+        return elapsed
+
+    def restore(self, calls: int, rows: int, requests: int, errors: int, clients: dict) -> None:
+        """Add what an earlier life of this replica counted (rebuilt from its audit log after a
+        restart), so that accounting does not start again from zero. `clients`: client id -> an
+        object with requests, rows, device_s, wait_s and user. Busy time and utilisation stay this
+        life's (they are rates over this life's span)."""
+        self.calls += calls
+        self.rows += rows
+        self.requests += requests
+        self.errors += errors
+        for cid, old in clients.items():
+            usage = self._client(cid)
+            usage.requests += old.requests
+            usage.rows += old.rows
+            usage.device_s += old.device_s
+            usage.wait_s += old.wait_s
+            usage.user = usage.user or old.user
 
     def reset(self) -> None:
         """Start counting afresh; of a call in progress, only the time from now on counts."""
@@ -131,8 +156,22 @@ class DeviceStats:
         return sorted(seen | set(also))
 
     def clients(self) -> dict[str, dict]:
-        """Per client id: requests, rows, wait_s, device_s."""
+        """Per client id: requests, rows, wait_s, device_s, user."""
         return {k: v.public() for k, v in self._clients.items()}
+
+    def users(self, now: float) -> dict[str, dict]:
+        """Per user: requests, rows, wait_s, device_s summed over the user's clients, and `active`
+        (a request within the window)."""
+        out: dict[str, dict] = {}
+        for usage in self._clients.values():
+            acc = out.setdefault(usage.user or "unknown",
+                                 {"requests": 0, "rows": 0, "wait_s": 0.0, "device_s": 0.0, "active": False})
+            acc["requests"] += usage.requests
+            acc["rows"] += usage.rows
+            acc["wait_s"] += usage.wait_s
+            acc["device_s"] += usage.device_s
+            acc["active"] = acc["active"] or now - usage.last_seen <= self._window_s
+        return out
 
     # -- inside -----------------------------------------------------------------------------------------
     def _client(self, client: str) -> ClientUsage:

@@ -26,6 +26,7 @@ from .lease import Lease
 from .pool import NAMESPACE
 from .replicas import Replicas
 from .retry import RetryPolicy
+from .runinfo import current_user
 
 __all__ = ["DeviceClient", "Lease", "DeviceError", "DeviceBusyError", "DeviceLeasedError",
            "DeviceTimeoutError", "EnvelopeError", "merge_replica_stats"]
@@ -40,9 +41,10 @@ class DeviceClient:
     def __init__(self, name: str, client_id: str = "anonymous", namespace: str = NAMESPACE,
                  timeout_s: float | None = None, retries: int | None = None,
                  backoff_s: float | None = None, control_timeout_s: float = 30.0,
-                 load_refresh_s: float = 0.25, restart_wait_s: float | None = None):
+                 load_refresh_s: float = 0.25, restart_wait_s: float | None = None, user: str | None = None):
         self.name = name
-        self.client_id = client_id
+        self.client_id = client_id  # the run or trial the requests serve
+        self.user = current_user(user)  # the person they are for: given, else $PHYSFARM_USER, else the login
         self.namespace = namespace
         self.control_timeout_s = control_timeout_s
         self._replicas = Replicas(name, namespace, load_refresh_s, control_timeout_s)
@@ -107,7 +109,7 @@ class DeviceClient:
         theta = np.ascontiguousarray(
             theta.detach().numpy() if isinstance(theta, torch.Tensor) else theta, dtype=np.float32)
         token = self._lease.token if self._lease is not None and self._lease.active else None
-        y = self._call("forward", x, theta, self.client_id, token, rows=int(x.shape[0]) if x.ndim else 0)
+        y = self._call("forward", x, theta, self.client_id, token, self.user, rows=int(x.shape[0]) if x.ndim else 0)
         return torch.from_numpy(np.array(y, dtype=np.float32))  # copy: Ray's buffers are read-only
 
     def ideal_model(self) -> torch.nn.Module:
@@ -170,11 +172,19 @@ def merge_replica_stats(device: str, per: list[dict]) -> dict:
     out["utilisation_recent"] = sum(p["utilisation_recent"] for p in per) / len(per)
     out["active_clients"] = sorted({c for p in per for c in p["active_clients"]})
     out["lease"] = next((p["lease"] for p in per if p["lease"]), None)
+    out["restarts"] = sum(p.get("restarts", 0) for p in per)
     clients: dict[str, dict] = {}
+    users: dict[str, dict] = {}
     for p in per:
         for cid, usage in p["clients"].items():
-            acc = clients.setdefault(cid, dict(_EMPTY_USAGE))
+            acc = clients.setdefault(cid, {**_EMPTY_USAGE, "user": usage.get("user")})
             for k in _EMPTY_USAGE:
                 acc[k] += usage[k]
+        for name, usage in p.get("users", {}).items():
+            acc = users.setdefault(name, {**_EMPTY_USAGE, "active": False})
+            for k in _EMPTY_USAGE:
+                acc[k] += usage[k]
+            acc["active"] = acc["active"] or usage.get("active", False)
     out["clients"] = clients
+    out["users"] = users
     return out

@@ -54,6 +54,10 @@ class DeviceConfig(BaseModel):
                                   description="a forward call with no answer after this fails (not retried)")
     restart_wait_s: float = Field(default=120.0, ge=0.0,
                                   description="how long a client waits for a crashed replica to restart")
+    audit_dir: str | None = Field(default=None, min_length=1,
+                                  description="folder, on the device's node, of its audit log (one JSON-lines "
+                                              "file per replica; default $PHYSFARM_AUDIT_DIR, else "
+                                              "~/.physfarm/audit)")
 
 
 class TrackingConfig(BaseModel):

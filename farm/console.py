@@ -24,6 +24,7 @@ class TrialLine:
     val_accuracy: float | None = None
     device_s: float | None = None
     status: str = "PENDING"
+    retries: int = 0  # the trial's device requests retried (restarts, full queues, device faults)
 
     def cells(self) -> tuple[str, str, str]:
         """(epoch "3/6", val accuracy, device seconds) as shown, "-" where not known yet."""
@@ -38,16 +39,34 @@ class DeviceLine:
     utilisation: float = 0.0
     queued_rows: int = 0
     rows_per_s: float = 0.0
+    restarts: int = 0  # restarts of the device's actor (all replicas) since it was started
     _rows: int | None = None
     _at: float | None = None
+    _lives: dict | None = None  # replica -> (pid, start time) of its actor life last seen
 
-    def update(self, stats: dict, now: float) -> None:
+    def update(self, stats: dict, now: float) -> list[str]:
+        """Take a device's stats; returns what to tell the user (a restart seen), else []."""
+        told = []
+        lives = {r.get("replica", 0): (r.get("life") or {}).get("started")
+                 for r in stats.get("replicas", [stats])}
+        restarts = int(stats.get("restarts", 0))
+        if self._lives is not None:
+            changed = sorted(k for k, v in lives.items() if k in self._lives and v != self._lives[k])
+            if changed or restarts > self.restarts:
+                which = ", ".join(f"{self.name}#{k}" for k in changed) or self.name
+                told.append(f"device '{self.name}': its actor {which} restarted ({max(restarts, self.restarts + 1)} "
+                            f"restart{'s' if max(restarts, self.restarts + 1) != 1 else ''} so far); the trials' "
+                            f"requests in flight are retried, its accounting goes on from its audit log")
+                restarts = max(restarts, self.restarts + 1)
+        self._lives = lives
+        self.restarts = max(self.restarts, restarts)
         rows = int(stats.get("rows", 0))
         if self._rows is not None and self._at is not None and now > self._at and rows >= self._rows:
             self.rows_per_s = (rows - self._rows) / (now - self._at)
         self._rows, self._at = rows, now
         self.utilisation = float(stats.get("utilisation_recent", 0.0))
         self.queued_rows = int(stats.get("queued_rows", 0))
+        return told
 
 
 @dataclass
@@ -57,6 +76,7 @@ class SweepView:
     title: str
     trials: dict[str, TrialLine] = field(default_factory=dict)
     devices: dict[str, DeviceLine] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what happened, e.g. a device restart, in order
 
     def trial(self, trial_id: str, label: str) -> TrialLine:
         return self.trials.setdefault(trial_id, TrialLine(trial_id, label))
@@ -67,16 +87,21 @@ class SweepView:
             out[t.status] = out.get(t.status, 0) + 1
         return out
 
+    def retries(self) -> int:
+        """Device requests retried by the trials so far."""
+        return sum(t.retries for t in self.trials.values())
+
     def lines(self) -> list[str]:
         """The view as plain text lines (one per trial, one per device)."""
         done = ", ".join(f"{n} {s.lower()}" for s, n in sorted(self.counts().items()))
-        out = [f"{self.title}: {done or 'starting'}"]
+        retried = self.retries()
+        out = [f"{self.title}: {done or 'starting'}" + (f"; {retried} device requests retried" if retried else "")]
         for t in self.trials.values():
             epoch, val, dev = t.cells()
             out.append(f"  {t.trial_id}  {t.label:<28} epoch {epoch:>7}  val {val}  device_s {dev:>7}  {t.status}")
         for d in self.devices.values():
             out.append(f"  device {d.name}: utilisation {d.utilisation:.0%}, queued rows {d.queued_rows}, "
-                       f"{d.rows_per_s:.0f} rows/s")
+                       f"{d.rows_per_s:.0f} rows/s" + (f", restarted {d.restarts}x" if d.restarts else ""))
         return out
 
     def table(self):
@@ -90,12 +115,12 @@ class SweepView:
             trials.add_column(name, justify=justify)
         for t in self.trials.values():
             trials.add_row(t.trial_id, t.label, *t.cells(), t.status)
-        devices = Table(expand=False)
-        for name in ("device", "utilisation", "queued rows", "rows/s"):
+        devices = Table(expand=False, caption=f"{self.retries()} device requests retried" if self.retries() else None)
+        for name in ("device", "utilisation", "queued rows", "rows/s", "restarts"):
             devices.add_column(name, justify="left" if name == "device" else "right")
         for d in self.devices.values():
-            devices.add_row(d.name, f"{d.utilisation:.0%}", str(d.queued_rows), f"{d.rows_per_s:.0f}")
-        return Group(trials, devices)
+            devices.add_row(d.name, f"{d.utilisation:.0%}", str(d.queued_rows), f"{d.rows_per_s:.0f}", str(d.restarts))
+        return Group(trials, devices, *self.notes[-5:])
 
 
 class ConsoleCallback(tune.Callback):
@@ -149,6 +174,7 @@ class ConsoleCallback(tune.Callback):
         line.epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         line.val_accuracy = result.get("val_accuracy", line.val_accuracy)
         line.device_s = result.get("device_s_total", line.device_s)
+        line.retries = int(result.get("device_retries", line.retries) or 0)
         self._draw()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -164,29 +190,50 @@ class ConsoleCallback(tune.Callback):
         self._draw()
 
     def on_experiment_end(self, trials, **info):
+        self._poll(wait_s=5.0)  # the devices' last figures, and a restart not seen yet, before the end
         self.close()
 
     # -- devices ---------------------------------------------------------------------------------------
-    def _poll(self) -> None:
-        """Ask each device for its figures without waiting: answers are read on a later step."""
+    def _poll(self, wait_s: float = 0.0) -> None:
+        """Ask each device for its figures without waiting: answers are read on a later step (or,
+        with `wait_s`, now: ask and wait that long for the answers)."""
         now = time.monotonic()
-        if now - self._polled < self.poll_s:
+        if now - self._polled < self.poll_s and not wait_s:
             return
         import ray
 
-        from .pool import find_device
+        from .pool import find_device, running_devices
 
-        ready = [n for n, ref in self._pending.items() if ray.wait([ref], timeout=0)[0]]
+        if not ray.is_initialized():  # no Ray (a test feeding events): nothing to ask, and no Ray to start
+            return
+        if wait_s:
+            for name in self.device_names:
+                if name not in self._pending:
+                    handles = [h for h in (find_device(name, i) for i in running_devices().get(name, [])) if h]
+                    if handles:
+                        self._pending[name] = [h.stats.remote() for h in handles]
+            refs = [r for refs in self._pending.values() for r in refs]
+            if refs:
+                ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+        ready = [n for n, refs in self._pending.items()
+                 if len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) == len(refs)]
         for name in ready:
             try:
-                self.view.devices[name].update(ray.get(self._pending.pop(name)), now)
+                per = [ray.get(ref) for ref in self._pending.pop(name)]
             except Exception:  # noqa: BLE001 - a restarting device answers on a later poll
                 self._pending.pop(name, None)
+                continue
+            stats = {**per[0], "replicas": per, "rows": sum(p.get("rows", 0) for p in per),
+                     "restarts": sum(p.get("restarts", 0) for p in per),
+                     "utilisation_recent": sum(p.get("utilisation_recent", 0.0) for p in per) / len(per),
+                     "queued_rows": sum(p.get("queued_rows", 0) for p in per)}
+            for note in self.view.devices[name].update(stats, now):
+                self._tell(note)
         for name in self.device_names:
             if name not in self._pending:
-                handle = find_device(name)
-                if handle is not None:
-                    self._pending[name] = handle.stats.remote()
+                handles = [h for h in (find_device(name, i) for i in running_devices().get(name, [])) if h]
+                if handles:
+                    self._pending[name] = [h.stats.remote() for h in handles]
         self._polled = now
         if self.writer is not None and self.parent_run and now - self._logged >= self.log_every_s:
             self._logged = now
@@ -198,6 +245,13 @@ class ConsoleCallback(tune.Callback):
                          [f"device.{d.name}.rows_per_s", d.rows_per_s, ts, step]]
             if rows:
                 self.writer.call("log_batch", run=self.parent_run, metrics=rows)
+
+    def _tell(self, note: str) -> None:
+        """Say at once what happened (a plain line, or under the live view's tables)."""
+        stamped = f"{time.strftime('%H:%M:%S')} {note}"
+        self.view.notes.append(stamped)
+        if self.stream is not None and not self.live_wanted:
+            print(stamped, file=self.stream, flush=True)
 
     # -- drawing ---------------------------------------------------------------------------------------
     def _draw(self, force: bool = False) -> None:

@@ -121,7 +121,7 @@ def start_device(dev: DeviceConfig, detached: bool = False, timeout_s: float = 1
         handle = cls.options(**options).remote(
             dev.system, name=name, max_wait_s=dev.max_wait_ms / 1000.0, max_queue_rows=dev.max_queue_rows,
             lease_policy=dev.lease_policy, max_lease_s=dev.max_lease_s, device=dev.name, replica=i,
-            replicas=dev.replicas, client_policy=policy,
+            replicas=dev.replicas, client_policy=policy, audit_dir_path=dev.audit_dir,
         )
         handles.append(handle)
         if not existed:
@@ -227,7 +227,8 @@ def pool_status(timeout_s: float = 3.0) -> list[dict]:
                 system=info["system"], utilisation=stats["utilisation_recent"],
                 queued_rows=stats["queued_rows"], queued_requests=stats["queued_requests"],
                 active_clients=stats["active_clients"], lease=lease,
-                calls=stats["calls"], rows=stats["rows"], clients=stats["clients"],
+                calls=stats["calls"], rows=stats["rows"], clients=stats["clients"], users=stats["users"],
+                restarts=stats["restarts"], audit=stats["audit"],
             )
         rows.append(row)
     return rows

@@ -369,7 +369,7 @@ def _tuner(plan: SweepPlan, verbose: int, show: bool, stream):
     cfg, storage = plan.cfg, str(plan.folder.parent)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=cfg.data.model_dump(mode="json"), devices=plan.devices,
-                             pbt=uses_pbt(cfg)),
+                             pbt=uses_pbt(cfg), user=plan.context["user"]),
         {"cpu": cfg.sweep.trial_cpus},
     )
     if plan.marker is not None:

@@ -174,6 +174,7 @@ def _train(cfg, method_name: str, train_cfg, writer, run_id: str, keep: Path, la
 
     from .data import load_dataset
     from .tracking import constant_params, epoch_rows
+    from .runinfo import current_user
     from .trainable import EpochReporter, connect_devices
 
     bar = None if quiet else ProgressBar(train_cfg.epochs, stream)
@@ -190,7 +191,7 @@ def _train(cfg, method_name: str, train_cfg, writer, run_id: str, keep: Path, la
             bar.update(int(metrics.get("epoch", 0)), metrics)
 
     try:
-        device = connect_devices(train_cfg, f"train/{run_id}")
+        device = connect_devices(train_cfg, f"train/{run_id}", current_user(cfg.tracking.user))
         data = load_dataset(cfg.data)
         reporter = EpochReporter(device, method_name, train_cfg, data, sink)
         method(method_name).train(train_cfg, device, data, report=reporter, state=None)

@@ -84,10 +84,11 @@ def trial_devices(train_cfg) -> list[str]:
     return list(dict.fromkeys(n for n in names if n is not None))
 
 
-def connect_devices(train_cfg, client_id: str):
-    """A connected DeviceClient for the trial's device, or {name: client} when it uses several."""
+def connect_devices(train_cfg, client_id: str, user: str | None = None):
+    """A connected DeviceClient for the trial's device, or {name: client} when it uses several.
+    Its requests carry `client_id` (the trial or run) and `user` (the person)."""
     names = trial_devices(train_cfg)
-    clients = {n: DeviceClient(n, client_id=client_id).connect() for n in names}
+    clients = {n: DeviceClient(n, client_id=client_id, user=user).connect() for n in names}
     return clients[names[0]] if len(clients) == 1 else clients
 
 
@@ -133,14 +134,18 @@ class EpochReporter:
     def __call__(self, metrics: dict, state: dict | None) -> None:
         predictions = test_predictions(self.data, state)
         accounting = self._advance()
-        metrics = dict(metrics, **accounting)
+        # Requests this trial's process retried (actor restarts, full queues, device faults): the
+        # sweep's console sums them.
+        retried = sum(int(getattr(d, "retried", 0) or 0) for d in self.devices)
+        metrics = dict(metrics, **accounting, device_retries=retried)
         with tempfile.TemporaryDirectory() as folder:
             if state is not None:
                 save_checkpoint_dir(Path(folder), state, accounting, predictions, metrics, self.data)
             self.sink(metrics, Path(folder) if state is not None else None)
 
 
-def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: bool = False) -> None:
+def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: bool = False,
+              user: str | None = None) -> None:
     """Tune trainable: validate this trial's train config, find the device once, train, report."""
     train = resolve_train(dict(config["train"]), list(devices or []))
     name = str(train.get("method", "pat"))
@@ -148,7 +153,7 @@ def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: b
     train_cfg = m.config_class.model_validate(train)
     ctx = tune.get_context()
     client_id = f"{ctx.get_experiment_name()}/{ctx.get_trial_id()}"
-    device = connect_devices(train_cfg, client_id)
+    device = connect_devices(train_cfg, client_id, user)
     dataset = load_dataset(DataConfig(**data))
     checkpoint = tune.get_checkpoint()
     state, accounting = load_checkpoint(checkpoint)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,10 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+# Device actors append every call to an audit log (actors/audit.py); the tests' go to a folder of
+# their own, not to ~/.physfarm/audit (the actors' processes inherit this variable).
+os.environ.setdefault("PHYSFARM_AUDIT_DIR", tempfile.mkdtemp(prefix="physfarm-audit-"))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

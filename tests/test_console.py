@@ -73,3 +73,26 @@ def test_callback_pickles_without_its_stream_or_writer():
                                live=False)
     back = pickle.loads(pickle.dumps(callback))
     assert back.writer is None and back.view.title == "s" and "osc" in back.view.devices
+
+
+def test_a_restart_is_told_once_with_the_retried_requests():
+    view = SweepView("sweep 'q'")
+    out = io.StringIO()
+    callback = ConsoleCallback(view, ["osc"], _describe, stream=out, live=False, print_every_s=1e9)
+    first = {"replica": 0, "rows": 10, "restarts": 0, "life": {"started": 100.0}}
+    assert view.devices["osc"].update({**first, "replicas": [first]}, now=1.0) == []
+    assert view.devices["osc"].update({**first, "replicas": [first]}, now=2.0) == []
+    again = {"replica": 0, "rows": 12, "restarts": 1, "life": {"started": 105.0}}  # a new actor life
+    notes = view.devices["osc"].update({**again, "replicas": [again]}, now=3.0)
+    assert notes == ["device 'osc': its actor osc#0 restarted (1 restart so far); the trials' requests in "
+                     "flight are retried, its accounting goes on from its audit log"]
+    assert view.devices["osc"].update({**again, "replicas": [again]}, now=4.0) == []  # told once
+    for note in notes:
+        callback._tell(note)
+    a = _trial("t1", 0.03)
+    callback.on_trial_start(0, [a], a)
+    callback.on_trial_result(1, [a], a, {"epoch": 1, "device_retries": 4})
+    callback.on_experiment_end([a])
+    text = out.getvalue()
+    assert "its actor osc#0 restarted" in text and "4 device requests retried" in text
+    assert "restarted 1x" in text

@@ -37,8 +37,10 @@ def test_a_call_counts_rows_requests_busy_time_and_each_clients_share(clock):
     assert c["busy_s"] == pytest.approx(2.0) and c["span_s"] == pytest.approx(3.5)
     assert c["utilisation"] == pytest.approx(2.0 / 3.5) and not c["in_call"] and c["now"] == clock.now
     usage = stats.clients()
-    assert usage["a"] == {"requests": 1, "rows": 3, "wait_s": pytest.approx(1.5), "device_s": pytest.approx(1.5)}
-    assert usage["b"] == {"requests": 1, "rows": 1, "wait_s": pytest.approx(0.5), "device_s": pytest.approx(0.5)}
+    assert usage["a"] == {"requests": 1, "rows": 3, "wait_s": pytest.approx(1.5), "device_s": pytest.approx(1.5),
+                          "user": None}
+    assert usage["b"] == {"requests": 1, "rows": 1, "wait_s": pytest.approx(0.5), "device_s": pytest.approx(0.5),
+                          "user": None}
 
 
 def test_a_call_in_progress_counts_as_busy_and_a_failed_one_as_an_error(clock):
@@ -94,3 +96,25 @@ def test_reset_starts_afresh_and_keeps_only_the_rest_of_a_call_in_progress(clock
     stats.call_succeeds([("a", 2)])
     c = stats.counters(clock.now)
     assert c["busy_s"] == pytest.approx(1.0) and c["calls"] == 1 and c["rows"] == 2
+
+
+def test_usage_per_user_sums_the_users_clients_and_a_restore_adds_an_earlier_life(clock):
+    from actors.audit import Usage
+
+    stats = DeviceStats(clock)
+    t = [stats.arrive("alice-sweep/1", "alice"), stats.arrive("alice-sweep/2", "alice"), stats.arrive("nb", "bob")]
+    stats.call_starts([("alice-sweep/1", t[0]), ("alice-sweep/2", t[1]), ("nb", t[2])])
+    clock.advance(1.0)
+    stats.call_succeeds([("alice-sweep/1", 2), ("alice-sweep/2", 1), ("nb", 1)])
+    users = stats.users(clock.now)
+    assert users["alice"]["rows"] == 3 and users["alice"]["device_s"] == pytest.approx(0.75)
+    assert users["bob"] == {"requests": 1, "rows": 1, "wait_s": 0.0, "device_s": pytest.approx(0.25), "active": True}
+    clock.advance(1000.0)
+    assert not stats.users(clock.now)["bob"]["active"]
+    # A restarted replica adds what its audit log says the earlier life did: nothing restarts at zero.
+    stats.restore(5, 50, 6, 1, {"nb": Usage(requests=4, rows=40, device_s=2.0, wait_s=0.5, user="bob"),
+                                "old": Usage(requests=2, rows=10, device_s=1.0, wait_s=0.0, user="carol")})
+    c = stats.counters(clock.now)
+    assert (c["calls"], c["rows"], c["requests"], c["errors"]) == (6, 54, 9, 1)
+    assert stats.clients()["nb"]["rows"] == 41 and stats.clients()["nb"]["device_s"] == pytest.approx(2.25)
+    assert stats.users(clock.now)["carol"]["rows"] == 10

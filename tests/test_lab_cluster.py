@@ -224,7 +224,8 @@ def test_two_sweeps_of_two_people_share_the_device(lab, pool, tmp_path):
         path.write_text(yaml.safe_dump(raw))
         procs[who] = subprocess.Popen(
             [sys.executable, "-m", "farm.cli", "sweep", str(path), "--address", lab["address"], "--quiet"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=lab["env"], cwd=tmp_path)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=lab["env"] | {"PHYSFARM_USER": who},
+            cwd=tmp_path)
     outs = {}
     for who, proc in procs.items():
         out, err = proc.communicate(timeout=400)
@@ -233,10 +234,20 @@ def test_two_sweeps_of_two_people_share_the_device(lab, pool, tmp_path):
     for out in outs.values():
         line = next(ln for ln in out.splitlines() if ln.startswith("Ray: "))
         assert "(joined)" in line and "physfarm devices ls --address " in line
-    clients = _ls(lab)[0]["clients"]
+    row = _ls(lab)[0]
+    clients = row["clients"]
     for who in ("alice", "bob"):
         served = [c for c in clients if c.startswith(f"{who}-sweep/")]
-        assert served and all(clients[c]["rows"] > 0 for c in served), clients
+        assert served and all(clients[c]["rows"] > 0 and clients[c]["user"] == who for c in served), clients
+        assert row["users"][who]["rows"] == sum(clients[c]["rows"] for c in served)
+        # The MLflow runs name the person too.
+        from mlflow.tracking import MlflowClient
+
+        store = MlflowClient(f"sqlite:///{tmp_path / who}.db")
+        exp = store.get_experiment_by_name(f"{who}-sweep")
+        assert {r.data.tags["mlflow.user"] for r in store.search_runs([exp.experiment_id])} == {who}
+    table = physfarm("devices", "ls", "--address", lab["address"], env=lab["env"]).stdout
+    assert "USERS" in table and "alice" in table and "bob" in table
 
 
 # -- the Ray a local sweep starts ---------------------------------------------------------------------
