@@ -46,6 +46,7 @@ from .envelope import check_request
 from .errors import DeviceBusyError, DeviceError, EnvelopeError, named_error
 from .fair_queue import FairQueue
 from .leases import LeaseTable
+from .reservations import ReservationBook
 from .systems.registry import build_system
 from .theta_rows import accepts_shared_theta, call_theta
 
@@ -110,6 +111,9 @@ class DeviceActor:
         # Every call goes to this replica's audit file on this node (actors/audit.py); it is opened,
         # and a restart's accounting rebuilt from it, on the first request or stats (`_audit_begin`).
         self._audit = AuditLog(audit_path(audit_dir(audit_dir_path), self.device, replica))
+        # Reservations and command-line leases are kept beside it, read back after a restart.
+        self._book = ReservationBook(self.device, self._audit.path.with_name(f"{self.device}.{replica}.reservations.json"))
+        self._leases.path = self._audit.path.with_name(f"{self.device}.{replica}.lease.json")
         self._audit_begun = False
         self._restarts = 0  # this replica's restarts since it was started (from the audit log)
 
@@ -161,6 +165,7 @@ class DeviceActor:
                 "lease": self._leases.info(),
                 "clients": self._stats.clients(),
                 "users": self._stats.users(now),
+                "reservations": self._book.list(),
                 "restarts": self._restarts,
                 "life": {"pid": os.getpid(), "started": self._started_wall, "restarted": self._restarted},
                 "audit": {"path": str(self._audit.path), "errors": self._audit.errors,
@@ -173,6 +178,8 @@ class DeviceActor:
         if self._audit_begun:
             return
         self._audit_begun = True
+        self._book.load()
+        self._leases.load()
         if self._restarted:
             old = replay(read_audit(self._audit.path))
             self._stats.restore(old.calls, old.rows, old.requests, old.errors, old.clients)
@@ -238,6 +245,29 @@ class DeviceActor:
         with self._lock:
             return self._leases.info()
 
+    # -- reservations -----------------------------------------------------------------------------------
+    def reserve(self, user: str, start: float, end: float, by: str | None = None, note: str = "",
+                rid: str | None = None) -> dict:
+        """Book [start, end) (wall seconds) for `user`: only that user's requests are served then.
+        ValueError for a bad window or an overlap (naming the reservation in the way)."""
+        with self._cond:
+            self._audit_begin()
+            res = self._book.add(user, start, end, by=by, note=note, rid=rid)
+            self._cond.notify_all()
+            return res
+
+    def unreserve(self, rid: str) -> dict:
+        with self._cond:
+            self._audit_begin()
+            res = self._book.cancel(rid)
+            self._cond.notify_all()  # requests held back by it may go
+            return res
+
+    def reservations(self) -> list[dict]:
+        with self._lock:
+            self._audit_begin()
+            return self._book.list()
+
     def _refuse_queued_outside_lease(self) -> None:
         """A lease began under policy "refuse": the queued requests it does not admit fail now."""
         lease = self._leases.active()
@@ -246,7 +276,7 @@ class DeviceActor:
             self._post(self._settle, req.future, None, self._leases.refusal(lease, "queued request dropped"))
 
     def _admitted(self, req: _Request) -> bool:
-        return self._leases.admits(req.client, req.token)
+        return self._leases.admits(req.client, req.token, req.user) and self._book.admits(req.user)
 
     # -- serving ------------------------------------------------------------------------------------
     async def forward(self, x, theta, client: str = "anonymous", lease_token: str | None = None,
@@ -268,7 +298,7 @@ class DeviceActor:
         loop = asyncio.get_running_loop()
         with self._cond:
             try:
-                self._refuse_if_needed(rows, client, lease_token)
+                self._refuse_if_needed(rows, client, lease_token, user)
             except DeviceError as err:
                 self._audit.refused(user, client, rows, theta, f"{type(err).__name__}: {str(err)[:200]}")
                 raise
@@ -287,8 +317,8 @@ class DeviceActor:
         parts = await asyncio.gather(*(c.future for c in chunks))
         return np.concatenate(parts, axis=0)
 
-    def _refuse_if_needed(self, rows: int, client: str, lease_token: str | None) -> None:
-        """Admission (lock held): backpressure, then the lease."""
+    def _refuse_if_needed(self, rows: int, client: str, lease_token: str | None, user: str = "unknown") -> None:
+        """Admission (lock held): backpressure, then the lease, then a reservation."""
         if rows > self._max_queue_rows:
             self._stats.refuse()
             raise DeviceBusyError(
@@ -304,9 +334,12 @@ class DeviceActor:
                 f"concurrent requests, or add replicas"
             )
         lease = self._leases.active()
-        if lease is not None and self._leases.refuses(client, lease_token):
+        if lease is not None and self._leases.refuses(client, lease_token, user):
             self._stats.refuse()
             raise self._leases.refusal(lease, "lease policy 'refuse'")
+        if self._leases.policy == "refuse" and not self._book.admits(user):
+            self._stats.refuse()
+            raise self._book.refusal(self.name, user)
 
     # -- the device thread ----------------------------------------------------------------------------
     def _ensure_thread(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -391,9 +424,14 @@ class DeviceActor:
                 if batch:
                     return batch
                 continue
-            remaining = self._leases.remaining_s()
-            # Requests held back by a lease ("wait" policy) go when it lapses: wake up then.
-            timeout = max(0.01, remaining + 0.01) if (remaining is not None and self._queue) else None
+            if self._queue and self._leases.policy == "refuse" and self._book.current() is not None:
+                # A reservation began while these waited: under "refuse" they fail now, not at its end.
+                for req in self._queue.remove_unless(self._admitted):
+                    self._stats.refuse()
+                    self._post(self._settle, req.future, None, self._book.refusal(self.name, req.user))
+            ends = [t for t in (self._leases.remaining_s(), self._book.remaining_s()) if t is not None]
+            # Requests held back by a lease or a reservation ("wait" policy) go when it ends: wake up then.
+            timeout = max(0.01, min(ends) + 0.01) if (ends and self._queue) else None
             self._cond.wait(timeout)
 
     def _run(self, batch: list[_Request]) -> None:

@@ -39,6 +39,8 @@ class Lease:
     since: float  # wall clock: when the lease began
 
     def remaining_s(self, wall: float, mono: float) -> float:
+        if self.heartbeat_s == 0:  # a lease with no heartbeat (from the command line): until its end
+            return self.until - wall
         return min(self.until - wall, self.last_beat + self.heartbeat_s - mono)
 
     def public(self, wall: float, mono: float) -> dict:
@@ -67,6 +69,8 @@ class LeaseTable:
         self.device, self.name, self.policy, self.max_lease_s = device, name, policy, max_lease_s
         self._wall, self._mono, self._on_end = wall, mono, on_end
         self._lease: Lease | None = None
+        # A lease without heartbeat is kept in this file (if set), so that it outlives an actor restart.
+        self.path = None
 
     # -- the lease in force ---------------------------------------------------------------------------
     def active(self) -> Lease | None:
@@ -88,16 +92,18 @@ class LeaseTable:
         lease = self.active()
         return None if lease is None else lease.public(self._wall(), self._mono())
 
-    def admits(self, client: str, token: str | None) -> bool:
-        """Whether a request of `client` (carrying `token`) may be served now."""
+    def admits(self, client: str, token: str | None, user: str | None = None) -> bool:
+        """Whether a request of `client` (carrying `token`, for `user`) may be served now: the holder
+        is a client id (its own and those under it, `holder/...`) or a person."""
         lease = self.active()
         if lease is None:
             return True
-        return token == lease.token or client == lease.holder or client.startswith(lease.holder + "/")
+        return (token == lease.token or client == lease.holder or client.startswith(lease.holder + "/")
+                or user == lease.holder)
 
-    def refuses(self, client: str, token: str | None) -> bool:
+    def refuses(self, client: str, token: str | None, user: str | None = None) -> bool:
         """Whether such a request must be refused at once (a lease holds the device, policy "refuse")."""
-        return self.policy == "refuse" and not self.admits(client, token)
+        return self.policy == "refuse" and not self.admits(client, token, user)
 
     def refusal(self, lease: Lease, what: str) -> DeviceLeasedError:
         """The error a request (or lease request) refused because of `lease` gets."""
@@ -124,8 +130,9 @@ class LeaseTable:
         if until - now > self.max_lease_s + 1.0:
             raise ValueError(f"lease of {until - now:.0f} s on device '{self.device}' exceeds the "
                              f"device's max_lease_s={self.max_lease_s:.0f}; ask for less")
-        if not 0 < heartbeat_s <= MAX_HEARTBEAT_S:
-            raise ValueError(f"heartbeat_s must be in (0, {MAX_HEARTBEAT_S:g}], got {heartbeat_s!r}")
+        if not 0 <= heartbeat_s <= MAX_HEARTBEAT_S:
+            raise ValueError(f"heartbeat_s must be in [0, {MAX_HEARTBEAT_S:g}] (0: no heartbeat, the lease "
+                             f"lasts until its end or release), got {heartbeat_s!r}")
         lease = self.active()
         if lease is not None and lease.token != token:
             raise self.refusal(lease, "lease requested by '" + holder + "' refused")
@@ -134,6 +141,7 @@ class LeaseTable:
             lease = self._lease = Lease(holder, token, until, heartbeat_s, self._mono(), job, since=now)
         else:
             lease.until, lease.heartbeat_s, lease.last_beat = until, heartbeat_s, self._mono()
+        self._save()
         return lease.public(self._wall(), self._mono()), began
 
     def release(self, token: str) -> bool:
@@ -144,5 +152,38 @@ class LeaseTable:
         if lease.token != token:
             raise self.refusal(lease, "only its holder can release it")
         self._lease = None
+        self._save()
         self._on_end()
         return True
+
+    # -- keeping a lease without heartbeat across restarts -------------------------------------------------
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        import json
+        import os
+        from pathlib import Path
+
+        lease = self._lease
+        path = Path(self.path)
+        if lease is None or lease.heartbeat_s != 0:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"holder": lease.holder, "token": lease.token, "until": lease.until,
+                                   "job": lease.job, "since": lease.since}))
+        os.chmod(tmp, 0o600)  # the token releases the lease
+        os.replace(tmp, path)
+
+    def load(self) -> None:
+        """Take back a lease without heartbeat that an earlier life of the actor held (if not ended)."""
+        import json
+        from pathlib import Path
+
+        if self.path is None or self._lease is not None or not Path(self.path).exists():
+            return
+        raw = json.loads(Path(self.path).read_text())
+        if raw["until"] > self._wall():
+            self._lease = Lease(raw["holder"], raw["token"], raw["until"], 0.0, self._mono(), raw.get("job"),
+                                since=raw.get("since", self._wall()))

@@ -228,7 +228,7 @@ def pool_status(timeout_s: float = 3.0) -> list[dict]:
                 queued_rows=stats["queued_rows"], queued_requests=stats["queued_requests"],
                 active_clients=stats["active_clients"], lease=lease,
                 calls=stats["calls"], rows=stats["rows"], clients=stats["clients"], users=stats["users"],
-                restarts=stats["restarts"], audit=stats["audit"],
+                restarts=stats["restarts"], audit=stats["audit"], reservations=stats["reservations"],
             )
         rows.append(row)
     return rows

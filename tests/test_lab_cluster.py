@@ -250,6 +250,51 @@ def test_two_sweeps_of_two_people_share_the_device(lab, pool, tmp_path):
     assert "USERS" in table and "alice" in table and "bob" in table
 
 
+ONE = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from farm.client import DeviceClient
+    from farm.raycluster import join
+    join(sys.argv[1])
+    dev = DeviceClient("optics", client_id=sys.argv[2] + "/notebook").connect()   # the user: $PHYSFARM_USER
+    try:
+        print(dev.forward(np.zeros((2, 16), np.float32), np.zeros(dev.spec.n_params, np.float32)).shape[0])
+    except Exception as err:
+        print("refused:", str(err).splitlines()[-1])
+""")
+
+
+def test_a_lease_and_a_reservation_from_the_cli_hold_across_processes(lab, pool):
+    alice, bob = lab["env"] | {"PHYSFARM_USER": "alice"}, lab["env"] | {"PHYSFARM_USER": "bob"}
+
+    def request(env, who):
+        out = subprocess.run([sys.executable, "-c", ONE, lab["address"], who], capture_output=True, text=True,
+                             env=env, cwd=REPO, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.strip()
+
+    took = physfarm("devices", "lease", "optics", "--for", "10m", "--address", lab["address"], env=alice)
+    assert took.returncode == 0 and "leased: optics to alice" in took.stdout, took.stderr
+    try:
+        assert request(alice, "alice") == "2"
+        assert request(bob, "bob").startswith("refused:") and "reserved by 'alice'" in request(bob, "bob")
+    finally:
+        gave = physfarm("devices", "release", "optics", "--address", lab["address"], env=alice)
+        assert gave.returncode == 0, gave.stderr
+    assert request(bob, "bob") == "2"
+    booked = physfarm("devices", "reserve", "optics", "--from", "now", "--to", "+10m", "--address", lab["address"],
+                      env=bob)
+    assert booked.returncode == 0, booked.stderr
+    rid = booked.stdout.split("(id ")[1].split(")")[0]
+    try:
+        assert request(bob, "bob") == "2" and "reserved for bob" in request(alice, "alice")
+        listed = physfarm("devices", "reservations", "--address", lab["address"], env=alice).stdout
+        assert "optics" in listed and "bob" in listed and rid in listed
+    finally:
+        physfarm("devices", "unreserve", "optics", rid, "--address", lab["address"], env=bob)
+    assert request(alice, "alice") == "2"
+
+
 # -- the Ray a local sweep starts ---------------------------------------------------------------------
 HOLD = textwrap.dedent("""
     import sys

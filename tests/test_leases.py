@@ -112,7 +112,7 @@ def test_a_lapsed_lease_is_re_created_by_its_holders_next_heartbeat(clock):
     ({"token": "short"}, "lease token must be a string of at least 8 characters"),
     ({"until": T0}, "is not in the future; give seconds > 0"),
     ({"until": T0 + 7200}, "lease of 7200 s on device 'osc' exceeds the device's max_lease_s=3600; ask for less"),
-    ({"heartbeat_s": 0}, r"heartbeat_s must be in \(0, 3600\], got 0"),
+    ({"heartbeat_s": -1}, r"heartbeat_s must be in \[0, 3600\] \(0: no heartbeat.*got -1"),
 ])
 def test_bad_lease_requests_name_the_value_and_the_limit(clock, kwargs, needle):
     table, _ = _table(clock, max_lease_s=3600)
@@ -125,3 +125,18 @@ def test_bad_lease_requests_name_the_value_and_the_limit(clock, kwargs, needle):
 def test_unknown_policy_is_refused_naming_the_choices():
     with pytest.raises(ValueError, match="lease_policy must be 'refuse' or 'wait', got 'never'"):
         LeaseTable("osc", "osc#0", "never")
+
+
+def test_a_lease_without_heartbeat_lasts_to_its_end_and_outlives_the_table_in_its_file(clock, tmp_path):
+    table, _ = _table(clock, max_lease_s=3600)
+    table.path = tmp_path / "osc.0.lease.json"
+    table.acquire("carol", TOKEN, T0 + 600, heartbeat_s=0)
+    clock.advance(500)  # no heartbeat came: it holds all the same
+    assert not table.admits("dave", None) and table.admits("x", None, user="carol")
+    again, _ = _table(clock, max_lease_s=3600)  # a restarted actor
+    again.path = table.path
+    again.load()
+    assert not again.admits("dave", None) and again.info()["holder"] == "carol"
+    assert again.release(TOKEN) and not table.path.exists()
+    clock.advance(200)
+    assert table.admits("dave", None)  # the first one's end has passed too
