@@ -46,6 +46,7 @@ from .envelope import check_request
 from .errors import DeviceBusyError, DeviceError, EnvelopeError, named_error
 from .fair_queue import FairQueue
 from .leases import LeaseTable
+from .quotas import QuotaBook
 from .reservations import ReservationBook
 from .systems.registry import build_system
 from .theta_rows import accepts_shared_theta, call_theta
@@ -62,6 +63,7 @@ class _Request:
     token: str | None
     enqueued: float  # the stats clock's time of arrival
     user: str = "unknown"  # the person the request is for
+    quota_est: float = 0.0  # its estimated device seconds, held against its user's quota until served
 
     @property
     def rows(self) -> int:
@@ -79,7 +81,8 @@ class DeviceActor:
     def __init__(self, system_config: dict, name: str = "device", max_wait_s: float = 0.0,
                  max_queue_rows: int = 1_000_000, lease_policy: str = "refuse",
                  max_lease_s: float = 7 * 86400.0, device: str | None = None, replica: int = 0,
-                 replicas: int = 1, client_policy: dict | None = None, audit_dir_path: str | None = None):
+                 replicas: int = 1, client_policy: dict | None = None, audit_dir_path: str | None = None,
+                 quotas: dict | None = None, priorities: dict | None = None):
         # Construct only: no I/O here. The system connects on the first request (or `connect()`).
         self.name = name
         self.device = device or name.split("#")[0]
@@ -99,7 +102,12 @@ class DeviceActor:
         self._max_wait_s = max_wait_s
         self._max_queue_rows = max_queue_rows
         self._client_policy = dict(client_policy or {})
-        self._queue: FairQueue[_Request] = FairQueue(is_dead=_given_up)
+        # Priority classes of users (None: one class): user -> class number, 0 served first.
+        self._priority = dict(priorities["users"]) if priorities else None
+        self._priority_default = int(priorities["default"]) if priorities else 0
+        self._priority_classes = list(priorities.get("classes", [])) if priorities else []
+        self._queue: FairQueue[_Request] = FairQueue(
+            is_dead=_given_up, max_skips=int(priorities.get("max_skips", 4)) if priorities else 4)
         self._stats = DeviceStats()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -114,6 +122,8 @@ class DeviceActor:
         # Reservations and command-line leases are kept beside it, read back after a restart.
         self._book = ReservationBook(self.device, self._audit.path.with_name(f"{self.device}.{replica}.reservations.json"))
         self._leases.path = self._audit.path.with_name(f"{self.device}.{replica}.lease.json")
+        # Device-seconds per user and period, charged from the audit log (None: no quotas).
+        self._quota = QuotaBook(self.device, quotas) if quotas else None
         self._audit_begun = False
         self._restarts = 0  # this replica's restarts since it was started (from the audit log)
 
@@ -166,6 +176,7 @@ class DeviceActor:
                 "clients": self._stats.clients(),
                 "users": self._stats.users(now),
                 "reservations": self._book.list(),
+                "quota": self._quota.info() if self._quota is not None else None,
                 "restarts": self._restarts,
                 "life": {"pid": os.getpid(), "started": self._started_wall, "restarted": self._restarted},
                 "audit": {"path": str(self._audit.path), "errors": self._audit.errors,
@@ -180,6 +191,8 @@ class DeviceActor:
         self._audit_begun = True
         self._book.load()
         self._leases.load()
+        if self._quota is not None:
+            self._quota.load(read_audit(self._audit.path))
         if self._restarted:
             old = replay(read_audit(self._audit.path))
             self._stats.restore(old.calls, old.rows, old.requests, old.errors, old.clients)
@@ -273,7 +286,13 @@ class DeviceActor:
         lease = self._leases.active()
         for req in self._queue.remove_unless(self._admitted):
             self._stats.refuse()
+            self._unhold(req)
             self._post(self._settle, req.future, None, self._leases.refusal(lease, "queued request dropped"))
+
+    def _unhold(self, req: _Request) -> None:
+        """A queued request leaves unserved: its estimate no longer counts against its user's quota."""
+        if self._quota is not None:
+            self._quota.settle(req.user, req.quota_est, None)
 
     def _admitted(self, req: _Request) -> bool:
         return self._leases.admits(req.client, req.token, req.user) and self._book.admits(req.user)
@@ -298,16 +317,20 @@ class DeviceActor:
         loop = asyncio.get_running_loop()
         with self._cond:
             try:
-                self._refuse_if_needed(rows, client, lease_token, user)
+                est = self._refuse_if_needed(rows, client, lease_token, user)
             except DeviceError as err:
                 self._audit.refused(user, client, rows, theta, f"{type(err).__name__}: {str(err)[:200]}")
                 raise
             now = self._stats.arrive(client, user)
             # A request larger than the device's max rows is served as several chunks, in order.
             step = self._spec.max_rows
-            chunks = [_Request(x[i : i + step], theta, client, loop.create_future(), lease_token, now, user)
+            chunks = [_Request(x[i : i + step], theta, client, loop.create_future(), lease_token, now, user,
+                               est * min(step, rows - i) / rows if est else 0.0)
                       for i in range(0, rows, step)]
-            self._queue.push(client, chunks)
+            if self._priority is None:
+                self._queue.push(client, chunks)
+            else:
+                self._queue.push(client, chunks, self._priority.get(user, self._priority_default))
             self._ensure_thread(loop)
             self._cond.notify_all()
         # If the caller cancels (ray.cancel after a client timeout), the awaited future (one chunk)
@@ -317,8 +340,9 @@ class DeviceActor:
         parts = await asyncio.gather(*(c.future for c in chunks))
         return np.concatenate(parts, axis=0)
 
-    def _refuse_if_needed(self, rows: int, client: str, lease_token: str | None, user: str = "unknown") -> None:
-        """Admission (lock held): backpressure, then the lease, then a reservation."""
+    def _refuse_if_needed(self, rows: int, client: str, lease_token: str | None, user: str = "unknown") -> float:
+        """Admission (lock held): backpressure, the lease, a reservation, then the user's quota.
+        Returns the request's estimated device seconds held against the quota (0 without one)."""
         if rows > self._max_queue_rows:
             self._stats.refuse()
             raise DeviceBusyError(
@@ -340,6 +364,13 @@ class DeviceActor:
         if self._leases.policy == "refuse" and not self._book.admits(user):
             self._stats.refuse()
             raise self._book.refusal(self.name, user)
+        if self._quota is None:
+            return 0.0
+        try:
+            return self._quota.admit(user, rows)
+        except DeviceError:
+            self._stats.refuse()
+            raise
 
     # -- the device thread ----------------------------------------------------------------------------
     def _ensure_thread(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -428,6 +459,7 @@ class DeviceActor:
                 # A reservation began while these waited: under "refuse" they fail now, not at its end.
                 for req in self._queue.remove_unless(self._admitted):
                     self._stats.refuse()
+                    self._unhold(req)
                     self._post(self._settle, req.future, None, self._book.refusal(self.name, req.user))
             ends = [t for t in (self._leases.remaining_s(), self._book.remaining_s()) if t is not None]
             # Requests held back by a lease or a reservation ("wait" policy) go when it ends: wake up then.
@@ -453,6 +485,9 @@ class DeviceActor:
             error = named_error(exc, self.name)
             with self._lock:
                 elapsed = self._stats.call_fails()
+                if self._quota is not None:
+                    for r in batch:
+                        self._quota.settle(r.user, r.quota_est, None)
             self._audit_call(batch, t0, elapsed, started, f"error: {type(error).__name__}: {str(error)[:200]}")
             self._post(self._answer, batch, None, error)
             return
@@ -460,6 +495,11 @@ class DeviceActor:
         parts = [y[offsets[i] : offsets[i + 1]] for i in range(len(batch))]
         with self._lock:
             elapsed = self._stats.call_succeeds([(r.client, n) for r, n in zip(batch, sizes)])
+            if self._quota is not None:
+                total = sum(sizes)
+                self._quota.observe(elapsed, total)
+                for r in batch:
+                    self._quota.settle(r.user, r.quota_est, elapsed * r.rows / total)
         # In the audit file before the answers go out: an answered request is always logged.
         self._audit_call(batch, t0, elapsed, started, "ok")
         self._post(self._answer, batch, parts, None)

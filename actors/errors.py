@@ -21,6 +21,11 @@ class DeviceLeasedError(DeviceError):
     """The device is reserved by another holder; not retried."""
 
 
+class QuotaExceededError(DeviceError):
+    """The request would take its user past a device-seconds quota; not retried (it would recur
+    until the quota renews)."""
+
+
 class DeviceTimeoutError(DeviceError):
     """A call got no answer in time (raised client-side); not retried."""
 

@@ -24,6 +24,67 @@ from .sweep_settings import SchedulerSettings, check_sweep
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
+class GroupQuota(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    members: list[str] = Field(min_length=1, description="the users whose use counts against the group's quota")
+    device_s: float = Field(gt=0.0, description="device-seconds per period for the members together")
+
+
+class QuotaConfig(BaseModel):
+    """Device-seconds per user (or group) per period on one device (docs/pool.md "Quotas")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    period: Literal["hour", "day", "week"] = Field(
+        default="day", description="the quota renews every hour, day (local midnight) or week (Monday 00:00)")
+    users: dict[str, float] = Field(default_factory=dict, description="user -> device-seconds per period")
+    groups: dict[str, GroupQuota] = Field(default_factory=dict, description="group -> members and device-seconds")
+    default_s: float | None = Field(default=None, gt=0.0,
+                                    description="device-seconds per period of users not named (none: no limit)")
+
+    @field_validator("users")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        for user, seconds in v.items():
+            if not seconds > 0:
+                raise ValueError(f"quota of user '{user}' must be > 0 device-seconds, got {seconds!r} (leave "
+                                 f"the user out for no limit)")
+        return v
+
+
+class PriorityConfig(BaseModel):
+    """Priority classes of users on one device (docs/pool.md "Priorities")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    classes: list[str] = Field(default_factory=lambda: ["high", "normal"], min_length=1,
+                               description="class names, served first to last")
+    users: dict[str, str] = Field(default_factory=dict, description="user -> class")
+    default: str | None = Field(default=None, description="class of users not named (default: the last class)")
+    max_skips: int = Field(default=4, ge=0, le=1000,
+                           description="a class with requests waiting goes first after this many device calls "
+                                       "in a row without it (with two classes: never more than this many)")
+
+    @model_validator(mode="after")
+    def _known_classes(self):
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be distinct, got {self.classes}")
+        for user, cls in self.users.items():
+            if cls not in self.classes:
+                raise ValueError(f"users.{user}: class '{cls}' is not one of classes {self.classes}")
+        if self.default is not None and self.default not in self.classes:
+            raise ValueError(f"default: class '{self.default}' is not one of classes {self.classes}")
+        return self
+
+    def for_actor(self) -> dict:
+        """{"users": {user: class number}, "default": number, "max_skips": n} (0 is served first)."""
+        index = {c: i for i, c in enumerate(self.classes)}
+        return {"users": {u: index[c] for u, c in self.users.items()},
+                "default": index[self.default] if self.default else len(self.classes) - 1,
+                "max_skips": self.max_skips, "classes": list(self.classes)}
+
+
 class DeviceConfig(BaseModel):
     """One device of the pool: a simulator, a recorded device or an instrument."""
 
@@ -58,6 +119,10 @@ class DeviceConfig(BaseModel):
                                   description="folder, on the device's node, of its audit log (one JSON-lines "
                                               "file per replica; default $PHYSFARM_AUDIT_DIR, else "
                                               "~/.physfarm/audit)")
+    quotas: QuotaConfig | None = Field(default=None,
+                                       description="device-seconds per user or group per period (none: no quotas)")
+    priorities: PriorityConfig | None = Field(default=None,
+                                              description="priority classes of users (none: one class, all fair)")
 
 
 class TrackingConfig(BaseModel):

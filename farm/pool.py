@@ -122,6 +122,8 @@ def start_device(dev: DeviceConfig, detached: bool = False, timeout_s: float = 1
             dev.system, name=name, max_wait_s=dev.max_wait_ms / 1000.0, max_queue_rows=dev.max_queue_rows,
             lease_policy=dev.lease_policy, max_lease_s=dev.max_lease_s, device=dev.name, replica=i,
             replicas=dev.replicas, client_policy=policy, audit_dir_path=dev.audit_dir,
+            quotas=dev.quotas.model_dump() if dev.quotas else None,
+            priorities=dev.priorities.for_actor() if dev.priorities else None,
         )
         handles.append(handle)
         if not existed:

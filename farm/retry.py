@@ -7,7 +7,7 @@ once to another replica if there is one, else sent again when the restarted acto
 at most `restart_wait_s`), a full queue (`DeviceBusyError`) or a device fault (`DeviceError`;
 exponential backoff from `backoff_s`). Past that budget, or when the actor is gone for good
 (max_restarts spent), that one call fails with a `DeviceError` naming the device. `EnvelopeError`
-and `DeviceLeasedError` are never retried. Settings left unset take the device's advertised client
+`DeviceLeasedError` and `QuotaExceededError` are never retried. Settings left unset take the device's advertised client
 policy (`adopt`), else `DEFAULTS`.
 
 Owns its settings and the count of retries; reaches the replicas through `Replicas`' public methods.
@@ -20,13 +20,13 @@ import time
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from actors.errors import DeviceError, DeviceLeasedError, DeviceTimeoutError, EnvelopeError
+from actors.errors import DeviceError, DeviceLeasedError, DeviceTimeoutError, EnvelopeError, QuotaExceededError
 
 from .pool import actor_name
 from .replicas import Replicas
 
 DEFAULTS = {"retries": 3, "backoff_s": 0.2, "timeout_s": 300.0, "restart_wait_s": 120.0}
-NOT_RETRIED = (EnvelopeError, DeviceLeasedError, DeviceTimeoutError)
+NOT_RETRIED = (EnvelopeError, DeviceLeasedError, DeviceTimeoutError, QuotaExceededError)
 
 
 def get(ref, timeout: float):

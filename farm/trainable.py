@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from ray import tune
 
+from actors.errors import QuotaExceededError
 from trainers.registry import method, retune_state
 
 from .client import DeviceClient
@@ -152,6 +153,11 @@ def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: b
     m = method(name)
     train_cfg = m.config_class.model_validate(train)
     ctx = tune.get_context()
+    refused = _quota_marker(ctx)
+    if refused is not None and refused.exists():
+        # Tune retries every failed trial (max_failures); one refused for quota would only be refused
+        # again: it fails at once with the same message, touching neither the device nor the data.
+        raise QuotaExceededError(refused.read_text())
     client_id = f"{ctx.get_experiment_name()}/{ctx.get_trial_id()}"
     device = connect_devices(train_cfg, client_id, user)
     dataset = load_dataset(DataConfig(**data))
@@ -176,7 +182,21 @@ def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: b
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
 
     reporter = EpochReporter(device, name, train_cfg, dataset, sink, accounting)
-    m.train(train_cfg, device, dataset, report=reporter, state=state)
+    try:
+        m.train(train_cfg, device, dataset, report=reporter, state=state)
+    except QuotaExceededError as err:
+        if refused is not None:
+            refused.write_text(str(err))
+        raise
+
+
+def _quota_marker(ctx) -> Path | None:
+    """Where a trial refused for quota notes it (its trial folder), or None outside Tune's folders."""
+    try:
+        folder = ctx.get_trial_dir()
+    except Exception:  # noqa: BLE001 - no trial folder (an unusual Tune set-up): no note
+        return None
+    return Path(folder) / "quota_refused.txt" if folder else None
 
 
 def _final_report(checkpoint, state: dict | None, train_cfg) -> dict | None:
