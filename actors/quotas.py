@@ -137,10 +137,10 @@ class QuotaBook:
     def refusal(self, user: str, what: str, limit: float, used: float, waiting: float, est: float,
                 rows: int) -> QuotaExceededError:
         renews = time.strftime("%Y-%m-%d %H:%M", time.localtime(self._renews))
-        queued = f" + {waiting:.1f} s of requests waiting" if waiting > 0 else ""
+        queued = f" + {waiting:.2f} s of requests waiting" if waiting > 0 else ""
         return QuotaExceededError(
             f"device '{self.device}': quota exceeded for user '{user}': {what} allows {limit:g} device-seconds "
-            f"per {self.period}, used {used:.1f} s so far{queued}; this request ({rows} rows, about {est:.2f} s) "
+            f"per {self.period}, used {used:.2f} s so far{queued}; this request ({rows} rows, about {est:.2f} s) "
             f"would pass it. The quota renews at {renews}; wait until then, or raise {what} under the "
             f"device's quotas in the pool file")
 

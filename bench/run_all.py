@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import sys
 
-from . import chaos, demo, learning, load, overhead, scaling, serving, systems
+from . import chaos, demo, learning, load, overhead, scaling, serving, sharing, systems
 
 # load (R-load-errors, 60 s) and chaos (R-lost, every fault scenario) last: they take the longest.
 SCRIPTS = [("systems", systems.main), ("serving", serving.main), ("overhead", overhead.main),
-           ("scaling", scaling.main), ("demo", demo.main),
+           ("scaling", scaling.main), ("demo", demo.main), ("sharing", sharing.main),
            ("learning", learning.main), ("load", load.main), ("chaos", chaos.main)]
 
 

@@ -40,8 +40,8 @@ def test_a_request_that_would_overrun_is_refused_naming_quota_use_and_renewal():
     with pytest.raises(QuotaExceededError) as err:
         book.admit("bob", 150)  # 8 used + 1 waiting + 1.5 > 10
     msg = str(err.value)
-    assert "quota exceeded for user 'bob': users.bob allows 10 device-seconds per day, used 8.0 s so far" in msg
-    assert "+ 1.0 s of requests waiting" in msg and "renews at 2026-12-04 00:00" in msg
+    assert "quota exceeded for user 'bob': users.bob allows 10 device-seconds per day, used 8.00 s so far" in msg
+    assert "+ 1.00 s of requests waiting" in msg and "renews at 2026-12-04 00:00" in msg
     assert book.refused == 1
     clock.t = datetime(2026, 12, 4, 0, 0, 1).timestamp()  # the next day: renewed
     assert book.admit("bob", 150) == pytest.approx(1.5)
@@ -54,7 +54,7 @@ def test_groups_sum_their_members_and_default_applies_to_the_unnamed():
     book.observe(0.1, 1)
     book.settle("carol", 0.0, 4.0)
     book.settle("dave", 0.0, 1.5)
-    with pytest.raises(QuotaExceededError, match="groups.students allows 6 device-seconds per hour, used 5.5 s"):
+    with pytest.raises(QuotaExceededError, match="groups.students allows 6 device-seconds per hour, used 5.50 s"):
         book.admit("dave", 10)  # dave's own default (5) is not reached, the group's is
     with pytest.raises(QuotaExceededError, match="default_s allows 5"):
         book.admit("erin", 51)
