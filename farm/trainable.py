@@ -123,8 +123,9 @@ class EpochReporter:
         return out
 
     def _advance(self) -> dict:
-        """Add what the device counted since the last look. A restarted actor counts from zero again:
-        a count that went down is all new."""
+        """Add what the device counted since the last look. A restarted actor takes its counts up
+        again from its audit log; should a count go down all the same (a replica whose log was lost),
+        what it counts now is all new."""
         now = self._usage()
         for k in ACCOUNTING:
             delta = now[k] - self.last[k]
