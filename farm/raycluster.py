@@ -80,6 +80,9 @@ def resolve(address: str | None) -> str:
     if address not in (None, "", "auto"):
         return address
     env = os.environ.get("RAY_ADDRESS")
+    if env == "local":
+        raise NoCluster("RAY_ADDRESS=local asks for a new Ray, but this command joins a running cluster; "
+                        "unset RAY_ADDRESS or pass --address HOST:PORT")
     if env:
         return env
     from ray._private import services
