@@ -219,6 +219,13 @@ class DeviceActor:
         if not self._connected:
             await self._on_device_thread(self._connect_system)
 
+    async def metadata(self) -> dict:
+        """What the system reports of itself once connected (a recorded device: its fit's held-out
+        errors and the data's notes); {} for a system that reports nothing."""
+        await self.connect()
+        report = getattr(self._system, "metadata", None)
+        return dict(report()) if callable(report) else {}
+
     def close(self) -> None:
         """Stop the device thread (after the call in progress) and close the system."""
         with self._cond:

@@ -59,6 +59,9 @@ def _report_check(cfg, uri: str) -> int:
     sampled = ", ".join(cfg.sampled_paths()) or "none"
     print(f"ok: {n} trial{'s' if n != 1 else ''} in sweep '{sweep_name(cfg)}' on device"
           f"{'s' if len(cfg.devices) != 1 else ''} {devices}; sampled: {sampled}; tracking: {uri}")
+    for dev in cfg.devices:
+        for note in dev._notes:
+            print(f"note: device '{dev.name}': {note}")
     return 0
 
 

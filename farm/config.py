@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, PrivateAttr, field_validator, model_validator
 
 from actors.systems.registry import validate_system_config
 from trainers.registry import METHODS
@@ -123,6 +123,7 @@ class DeviceConfig(BaseModel):
                                        description="device-seconds per user or group per period (none: no quotas)")
     priorities: PriorityConfig | None = Field(default=None,
                                               description="priority classes of users (none: one class, all fair)")
+    _notes: list[str] = PrivateAttr(default_factory=list)  # what checking its files found (--check prints)
 
 
 class TrackingConfig(BaseModel):
@@ -255,6 +256,34 @@ def check_systems(cfg: DeviceList) -> None:
         except ValueError as err:
             raise ConfigError(f"{prefix}.kind: {err}" if "kind" in str(err) else f"{prefix}: {err}") from None
         dev.system = validated.model_dump(mode="json")
+        dev._notes = inspect_files(dev, prefix)
+
+
+# Fields of a system config that name files: made absolute (a device actor's working folder is not
+# the command's), then opened and checked before anything starts.
+FILE_FIELDS = ("path", "controls_path", "responses_path")
+
+
+def inspect_files(dev: "DeviceConfig", prefix: str) -> list[str]:
+    """Open every file the device's system names and check it as the device will read it (a recorded
+    device: parsed, finite, the declared columns, inside its envelope; nothing fitted). Returns what
+    a person should know of the data (printed by --check); a bad file is a ConfigError naming the
+    file and its line."""
+    files = [f for f in FILE_FIELDS if isinstance(dev.system.get(f), str)]
+    if not files or dev.system.get("kind") == "instrument":
+        return []
+    for f in files:
+        dev.system[f] = str(Path(dev.system[f]).expanduser().resolve())
+    from actors.systems.registry import build_system
+
+    system = build_system(dev.system)
+    inspect = getattr(system, "inspect", None)
+    if not callable(inspect):
+        return []
+    try:
+        return list(inspect().get("notes") or [])
+    except ValueError as err:
+        raise ConfigError(f"{prefix} (device '{dev.name}'): {err}") from None
 
 
 def _check_train(cfg: FarmConfig) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from ray import tune
 
+from .runinfo import ended_by
+
 
 @dataclass
 class TrialLine:
@@ -178,7 +180,8 @@ class ConsoleCallback(tune.Callback):
         self._draw()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._line(trial).status = "DONE"
+        # a trial that met a recurring error ends (not retried) with it as its last result
+        self._line(trial).status = "ERROR" if ended_by(getattr(trial, "last_result", None)) else "DONE"
         self._draw(force=not self.live_wanted)
 
     def on_trial_error(self, iteration, trials, trial, **info):

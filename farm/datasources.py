@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from actors.tables import TableError, first_non_finite, read_table
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_INSTALL = "apt-get install -y dataset-fashion-mnist"
 IDX_STEMS = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
@@ -177,7 +179,7 @@ def _arrays(x, y, x_test, y_test, where: str) -> Raw:
 
 def read_file(path: Path) -> Raw:
     """NPZ with arrays x, y (and optionally x_test, y_test); or CSV with the label in the last column
-    and a header line of names (detected: a first line that does not parse as numbers)."""
+    (actors.tables: the separator, decimal mark and a header line detected; errors name the file's line)."""
     where = f"data.path '{path}'"
     if path.suffix == ".npz":
         try:
@@ -189,30 +191,18 @@ def read_file(path: Path) -> Raw:
             raise DataError(f"{where}: an NPZ data set needs arrays 'x' and 'y' (and optionally 'x_test', "
                             f"'y_test'); it has {sorted(arrays)}")
         return _arrays(arrays["x"], arrays["y"], arrays.get("x_test"), arrays.get("y_test"), where)
-    if path.suffix in (".csv", ".gz") or path.name.endswith(".csv.gz"):
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", newline="") as fh:
-            rows = [r for r in csv.reader(fh)]
-        if not rows:
-            raise DataError(f"{where}: the file is empty")
-        try:
-            [float(v) for v in rows[0]]
-            start = 0
-        except ValueError:
-            start = 1  # a header line
-        width = len(rows[start]) if len(rows) > start else 0
-        if width < 2:
-            raise DataError(f"{where}: a CSV data set needs feature columns then the label column, "
-                            f"comma-separated; line {start + 1} has {width} column(s)")
-        table = np.empty((len(rows) - start, width))
-        for i, r in enumerate(rows[start:]):
-            if len(r) != width:
-                raise DataError(f"{where}: line {i + start + 1} has {len(r)} columns, expected {width}")
-            try:
-                table[i] = [float(v) for v in r]
-            except ValueError:
-                raise DataError(f"{where}: line {i + start + 1} holds a value that is not a number: {r}") from None
-        return _arrays(table[:, :-1], table[:, -1], None, None, where)
+    if path.suffix in (".csv", ".gz", ".tsv", ".txt") or path.name.endswith(".csv.gz"):
+        try:  # comma, tab, semicolon or spaces, decimal point or comma, a header line or none: detected
+            table = read_table(path)
+        except TableError as err:
+            raise DataError(f"data.path: {err}") from None
+        if table.values.shape[1] < 2:
+            raise DataError(f"{where}: a CSV data set needs feature columns then the label column; "
+                            f"it has {table.values.shape[1]} column(s)")
+        bad = first_non_finite(table)
+        if bad:
+            raise DataError(f"data.path: {bad}")
+        return _arrays(table.values[:, :-1], table.values[:, -1], None, None, where)
     raise DataError(f"{where}: use an .npz (arrays x, y) or a .csv (features then label per line)")
 
 

@@ -18,7 +18,7 @@ from actors.errors import DeviceError, DeviceLeasedError
 from actors.leases import format_wall
 
 from .replicas import Replicas
-from .retry import get_all
+from .raycalls import get_all
 
 
 class Lease:

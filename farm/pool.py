@@ -22,6 +22,7 @@ from actors.errors import DeviceError
 
 from .config import DeviceConfig, DeviceList, check_systems, read_yaml, validated
 from .errors import ConfigError
+from .raycalls import get, get_all
 
 NAMESPACE = "physfarm"
 _ACTOR_NAME = re.compile(r"^(?P<device>[A-Za-z0-9][A-Za-z0-9_.-]*)#(?P<replica>\d+)$")
@@ -139,11 +140,33 @@ def start_device(dev: DeviceConfig, detached: bool = False, timeout_s: float = 1
                 f"{dict(dev.node_labels) or 'none'}); check that a node offers them and has memory free "
                 f"(`ray status`)")
         ray.get(ready)
+        # Connect now (a recorded device fits or loads its replay model, an instrument opens its link):
+        # a device that cannot start fails here, and no trial's device time includes the start.
+        try:
+            get_all([h.connect.remote() for h in handles], timeout_s)
+        except (ValueError, DeviceError) as err:
+            raise DeviceError(f"device '{dev.name}' could not connect: {err}") from None
+        except ray.exceptions.GetTimeoutError:
+            raise DeviceError(f"device '{dev.name}' did not connect within {timeout_s:.0f} s") from None
     except BaseException:
         for h in created:
             ray.kill(h, no_restart=True)
         raise
     return handles
+
+
+def device_metadata(names: Iterable[str], timeout_s: float = 60.0) -> dict[str, dict]:
+    """{device: what its system reports of itself} (replica 0; {} where a system reports nothing)."""
+    out = {}
+    for name in names:
+        handle = find_device(name)
+        if handle is None:
+            continue
+        try:
+            out[name] = get(handle.metadata.remote(), timeout_s)
+        except Exception:  # noqa: BLE001 - a device that cannot say stays undescribed; it still serves
+            out[name] = {}
+    return out
 
 
 def find_device(name: str, replica: int = 0):

@@ -18,41 +18,16 @@ import random
 import time
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from actors.errors import DeviceError, DeviceLeasedError, DeviceTimeoutError, EnvelopeError, QuotaExceededError
 
 from .pool import actor_name
+from .raycalls import get
 from .replicas import Replicas
 
 DEFAULTS = {"retries": 3, "backoff_s": 0.2, "timeout_s": 300.0, "restart_wait_s": 120.0}
 NOT_RETRIED = (EnvelopeError, DeviceLeasedError, DeviceTimeoutError, QuotaExceededError)
-
-
-def get(ref, timeout: float):
-    """ray.get, raising the device's own error (EnvelopeError, DeviceError, ValueError) rather than
-    Ray's wrapper of it."""
-    try:
-        return ray.get(ref, timeout=timeout)
-    except RayTaskError as err:
-        cause = getattr(err, "cause", None)
-        if isinstance(cause, (EnvelopeError, DeviceError, ValueError)):
-            raise cause from None
-        raise
-
-
-def get_all(refs: list, timeout: float) -> list:
-    """Wait for every ref (so that none is left unseen), then raise the first error, if any."""
-    results, first = [], None
-    for ref in refs:
-        try:
-            results.append(get(ref, timeout))
-        except Exception as err:  # noqa: BLE001 - re-raised below
-            results.append(None)
-            first = first or err
-    if first is not None:
-        raise first
-    return results
 
 
 class RetryPolicy:

@@ -43,6 +43,15 @@ def physfarm_version() -> str:
         return "unknown"
 
 
+# The key of the last result of a trial ended by a recurring error (farm.trainable.RECURRING).
+ERROR_KEY = "trial_error"
+
+
+def ended_by(result: dict | None) -> str | None:
+    """The recurring error a trial ended with (its last result says so), else None."""
+    return (result or {}).get(ERROR_KEY)
+
+
 def run_context(cfg, name_keys: list[str] | None = None, user: str | None = None) -> dict:
     """Plain, picklable facts every run of a sweep (or `physfarm train`) carries."""
     return {

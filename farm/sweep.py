@@ -21,12 +21,14 @@ from ray import tune
 
 from .config import FarmConfig
 from .errors import ConfigError
-from .pool import devices_started
+from .device_facts import describe
+from .pool import device_metadata, devices_started
 from .journal import PLACEHOLDER
 from .mlflow_ops import MlflowWriter, is_outage, limit_http_retries
-from .tracking import PARENT_TAG, MLflowCallback, SweepTracker, check_reachable, resolve_tracking_uri
+from .tracking import (PARENT_TAG, MLflowCallback, SweepTracker, check_reachable, log_device_facts,
+                       resolve_tracking_uri)
 from .console import ConsoleCallback, SweepView
-from .runinfo import pick, run_context, run_name
+from .runinfo import ended_by, pick, run_context, run_name
 from .trainable import run_trial
 from .trainspec import resolve_train
 from .tuning import build_param_space, build_scheduler, build_search, uses_pbt
@@ -243,6 +245,7 @@ def run_sweep(cfg: FarmConfig, address: str | None = None, tracking_uri: str | N
     (replayed by `physfarm report` or `--resume`)."""
     plan = prepare(cfg, address, tracking_uri, name, resume, resume_errored)
     with devices_started(cfg.devices):
+        note_devices(plan, stream)
         grid = run(plan, verbose=verbose, show=show, stream=stream)
     outcome = collect(plan, grid)
     return finish(plan, outcome, cfg.tracking.flush_wait_s if flush_wait_s is None else flush_wait_s)
@@ -269,12 +272,22 @@ def prepare(cfg: FarmConfig, address: str | None = None, tracking_uri: str | Non
                      devices=[d.name for d in cfg.devices], keys=keys, resume_errored=resume_errored)
 
 
+def note_devices(plan: SweepPlan, stream=None) -> None:
+    """Ask the started devices what they report of themselves (a recorded device: its fit); print it,
+    and keep it for the runs' tags."""
+    facts = device_metadata(plan.devices)
+    plan.context["device_facts"] = facts
+    for line in describe(facts):
+        print(line, file=stream or sys.stdout)
+
+
 def run(plan: SweepPlan, verbose: int = 0, show: bool = False, stream=None):
     """Open (or reopen) the parent run and let Tune run the trials; returns Tune's ResultGrid. On the
     way out, also on an error or a second Ctrl-C, the sweep's state is recorded: what ran is kept and
     `--resume` continues it."""
     try:
         _open_parent(plan)
+        log_device_facts(plan.journal, plan.parent, plan.context.get("device_facts") or {})
         tuner = _tuner(plan, verbose, show, stream)
         plan.status = SweepStatus.RUNNING
         grid = tuner.fit()
@@ -300,14 +313,15 @@ def collect(plan: SweepPlan, grid) -> SweepOutcome:
         trial_id = (result.metrics or {}).get("trial_id") or (trial.trial_id if trial else Path(result.path).name)
         resolved = resolve_train(dict((result.config or {}).get("train", {})), plan.devices)
         # an interrupted sweep's trials may be unfinished (PENDING, RUNNING, PAUSED): their saved status
-        status = "ERROR" if result.error else \
+        recurring = ended_by(result.metrics)
+        status = "ERROR" if result.error or recurring else \
             plan.saved[trial_id].status if outcome.interrupted and trial_id in plan.saved else "TERMINATED"
         outcome.rows.append(TrialRow(
             trial_id=trial_id,
             config={k: pick(resolved, k) for k in plan.keys},
             metrics=dict(result.metrics or {}),
             status=status,
-            error=_last_line(result.error) if result.error else None,
+            error=_last_line(result.error) if result.error else recurring,
             run_id=runs.get(trial_id),
         ))
     outcome.journal_path = str(plan.journal.path)
@@ -369,7 +383,7 @@ def _tuner(plan: SweepPlan, verbose: int, show: bool, stream):
     cfg, storage = plan.cfg, str(plan.folder.parent)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=cfg.data.model_dump(mode="json"), devices=plan.devices,
-                             pbt=uses_pbt(cfg), user=plan.context["user"]),
+                             pbt=uses_pbt(cfg), user=plan.context["user"], metric=cfg.sweep.metric),
         {"cpu": cfg.sweep.trial_cpus},
     )
     if plan.marker is not None:

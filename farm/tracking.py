@@ -26,10 +26,11 @@ import yaml
 from mlflow.entities import RunStatus
 from ray import tune
 
+from .device_facts import fact_tags
 from .errors import ConfigError
 from .journal import PLACEHOLDER
 from .mlflow_ops import MlflowWriter, is_outage, sqlite_path  # noqa: F401 - sqlite_path: read here by report
-from .runinfo import dataset_input, device_params, pick, run_name
+from .runinfo import dataset_input, device_params, ended_by, pick, run_name
 
 # Keys Tune adds to every result; they are bookkeeping, not training metrics.
 TUNE_KEYS = {
@@ -110,10 +111,14 @@ def param_rows(config: dict) -> list[list[str]]:
 CONSTANT_KEYS = ("n_physical_params", "n_digital_params", "n_weights", "hidden")
 
 
+CONSTANT_TEXT = ("readout_outputs", "dead_outputs")  # what a trainer's calibration chose and found
+
+
 def constant_params(result: dict) -> list[list[str]]:
     """A report's constant figures as params rows, [["model.<key>", value], ...]."""
-    return [[f"model.{k}", str(int(result[k]))] for k in CONSTANT_KEYS
+    rows = [[f"model.{k}", str(int(result[k]))] for k in CONSTANT_KEYS
             if isinstance(result.get(k), (int, float)) and not isinstance(result.get(k), bool)]
+    return rows + [[f"model.{k}", result[k]] for k in CONSTANT_TEXT if isinstance(result.get(k), str)]
 
 
 def epoch_metrics(result: dict, extra: dict | None = None) -> dict[str, float]:
@@ -153,12 +158,21 @@ def log_run_facts(writer: MlflowWriter, run_id: str, resolved: dict, ctx: dict) 
     data = ctx.get("data") or {}
     params = param_rows({"train": resolved, "data": data})
     params += [[k, str(v)[:6000]] for k, v in device_params(ctx.get("systems") or {}, devices).items()]
-    writer.call("log_batch", run=run_id, params=params)
+    tags = [[k, v] for k, v in fact_tags(ctx.get("device_facts") or {}, devices).items()]
+    writer.call("log_batch", run=run_id, params=params, tags=tags)
     systems = {n: (ctx.get("systems") or {}).get(n) for n in devices}
     writer.call("log_text", run=run_id, artifact_file="config.yaml",
                 text=yaml.safe_dump({"train": resolved, "data": data, "devices": systems}, sort_keys=False))
     if data:
         writer.call("log_inputs", run=run_id, dataset=dataset_input(data))
+
+
+def log_device_facts(writer: MlflowWriter, run_id: str, facts: dict[str, dict]) -> None:
+    """What the devices reported when they started (farm.device_facts): tags, and devices.json whole."""
+    if not any(facts.values()):
+        return
+    writer.call("log_batch", run=run_id, tags=[[k, v] for k, v in fact_tags(facts).items()])
+    writer.call("log_text", run=run_id, artifact_file="devices.json", text=json.dumps(facts, indent=1))
 
 
 def outcome_facts(resolved: dict, ctx: dict) -> dict:
@@ -375,6 +389,8 @@ class MLflowCallback(tune.Callback):
         run_id = self.run_id(trial)
         if trial.trial_id in self._done:
             return
+        if ended_by(result):
+            return  # a recurring error's report: no epoch, nothing to chart (on_trial_complete records it)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         watched = {}
         for path in self.watch:
@@ -396,6 +412,12 @@ class MLflowCallback(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self.run_id(trial)
         if trial.trial_id in self._done:
+            return
+        error = ended_by(trial.last_result)
+        if error:  # ended by a recurring error (farm.trainable.RECURRING): failed, not retried
+            self.writer.call("failure", run=run_id, text=error + "\n")
+            self.writer.call("outcome", run=run_id, folder=None, title=f"{self.sweep_name}/{trial.trial_id}")
+            self.writer.call("set_terminated", run=run_id, status=RunStatus.to_string(RunStatus.FAILED))
             return
         checkpoint = trial.checkpoint
         folder = checkpoint.path if checkpoint is not None and checkpoint.path else None

@@ -116,10 +116,11 @@ def run_training(cfg, train_cfg, method_name: str, uri: str, address: str | None
     answers, so an outage neither stops the training nor loses a write."""
 
     from .mlflow_ops import MlflowWriter, limit_http_retries
-    from .pool import devices_started
+    from .device_facts import describe
+    from .pool import device_metadata, devices_started
     from .runinfo import run_context
     from .sweep import init_ray, storage_path
-    from .tracking import context_tags, log_run_facts, outcome_facts
+    from .tracking import context_tags, log_device_facts, log_run_facts, outcome_facts
     from .trainable import trial_devices
 
     stream = stream or sys.stderr
@@ -139,6 +140,10 @@ def run_training(cfg, train_cfg, method_name: str, uri: str, address: str | None
     last: dict = {}  # the latest epoch's metrics
     try:
         with devices_started(cfg.device(n) for n in trial_devices(train_cfg)):
+            facts = device_metadata(trial_devices(train_cfg))
+            for line in describe(facts):
+                print(line, file=stream)
+            log_device_facts(writer, run_id, facts)
             _train(cfg, method_name, train_cfg, writer, run_id, keep, last, quiet, stream)
     except BaseException as err:  # the devices are stopped by now; the run records the failure
         import traceback

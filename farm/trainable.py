@@ -29,6 +29,7 @@ from trainers.registry import method, retune_state
 
 from .client import DeviceClient
 from .data import DataConfig, load_dataset
+from .runinfo import ERROR_KEY
 from .trainspec import resolve_train
 
 # The trial's running totals (the metric names end in _total; every other counter is per epoch).
@@ -146,9 +147,31 @@ class EpochReporter:
             self.sink(metrics, Path(folder) if state is not None else None)
 
 
+# Errors that will happen again however often the trial is retried: a bad value or file (ValueError:
+# ConfigError, DataError, TableError), a request outside the device's envelope (EnvelopeError). A trial
+# meeting one ends at once (`ended_by`), instead of Tune retrying it max_failures times.
+RECURRING = (ValueError,)
+
+
 def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: bool = False,
-              user: str | None = None) -> None:
-    """Tune trainable: validate this trial's train config, find the device once, train, report."""
+              user: str | None = None, metric: str | None = None) -> None:
+    """Tune trainable: validate this trial's train config, find the device once, train, report.
+
+    A recurring error (RECURRING) is reported as the trial's last result, {ERROR_KEY: message, metric:
+    NaN, device_s_total: ...}, and the trial returns: it ends once, recorded as failed by physfarm's
+    callbacks and summary, where raising would have Tune retry it (and fail the same way) max_failures
+    times. Any other error is raised: Tune retries it from the last checkpoint."""
+    used = {"device_s_total": 0.0}
+    try:
+        _run_trial(config, data, devices, pbt, used, user)
+    except RECURRING as err:
+        lines = [ln for ln in str(err).splitlines() if ln.strip()] or [""]
+        tune.report({ERROR_KEY: f"{type(err).__name__}: {lines[-1]}", **({metric: float("nan")} if metric else {}),
+                     "device_s_total": float(used["device_s_total"])})
+
+
+def _run_trial(config: dict, data: dict, devices: list[str] | None, pbt: bool, used: dict,
+               user: str | None = None) -> None:
     train = resolve_train(dict(config["train"]), list(devices or []))
     name = str(train.get("method", "pat"))
     m = method(name)
@@ -183,12 +206,15 @@ def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: b
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
 
     reporter = EpochReporter(device, name, train_cfg, dataset, sink, accounting)
+    used["device_s_total"] = reporter.total["device_s_total"]
     try:
         m.train(train_cfg, device, dataset, report=reporter, state=state)
     except QuotaExceededError as err:
         if refused is not None:
             refused.write_text(str(err))
         raise
+    finally:
+        used["device_s_total"] = reporter.total["device_s_total"]
 
 
 def _quota_marker(ctx) -> Path | None:

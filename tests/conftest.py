@@ -22,6 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 VOWELS_CSV = SHARED_DATA / "vowels_hillenbrand_women.csv"
 
+# Recorded devices keep their fits on disk; the suite keeps its own, empty at the start of every run
+# (set before any Ray starts, so device actors and trial workers inherit it).
+if "PHYSFARM_TEST_KEEP_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["PHYSFARM_CACHE_DIR"] = tempfile.mkdtemp(prefix="physfarm-test-cache-")
+
 
 @pytest.fixture(scope="module")
 def one_torch_thread():

@@ -88,7 +88,7 @@ def test_pnn_with_patches_shares_one_theta_over_the_copies():
     assert net.encoder.copies == 4 and net.layers[0].theta.shape == (20 * 20 + 20,)
     out = net(torch.rand(3, 64))
     assert out.shape == (3, 10)
-    assert net.readout_index == list(range(70, 80))  # last 10 of the 4 x 20 outputs side by side
+    assert net.readout_index.tolist() == list(range(70, 80))  # last 10 of the 4 x 20 outputs side by side
     counts = net.param_counts()
     assert counts["n_physical_params"] == 420 and counts["n_digital_params"] == 2 * 20 + 2 * 10
 

@@ -65,7 +65,7 @@ def make(recorded_file):
         if name == "recorded":
             knobs.pop("mismatch", None)  # a fit has no separate nominal model
             cfg = {"kind": "recorded", "path": str(recorded_file), **RECORDED_LAYOUT,
-                   "input_range": (0.0, 1.0), "param_range": (0.0, 1.0), "epochs": 150, **knobs}
+                   "input_range": (0.0, 1.0), "param_range": (0.0, 1.0), "steps": 1000, **knobs}
             system = build_system(cfg)
         elif name == "instrument":
             served = {"kind": "oscillators", "n": 10, **knobs}

@@ -149,6 +149,10 @@ class PATConfig(TrainerConfig):
     """Physics-aware training of a PNN: physical layers with element-wise affine rescaling between."""
 
     method: Literal["pat"] = "pat"
+    # Defaults chosen on validation by bench/recorded.py --choose (a small measured data set, as a lab's
+    # first one is; bench/results/defaults-pat.json): 5 epochs of 64-row batches left PAT near chance.
+    epochs: int = Field(default=30, ge=1, le=100_000)
+    batch_size: int = Field(default=16, ge=1, le=65_536)
     n_layers: int = Field(default=1, ge=1, le=16, description="physical layers in series")
     layers: list[LayerConfig] | None = Field(
         default=None, min_length=1, max_length=16,
@@ -156,9 +160,11 @@ class PATConfig(TrainerConfig):
     encoder: EncoderConfig | None = Field(
         default=None, description="how the data meet the first layer: tile, pad, downsample, patches, linear "
         "(default: tile where the features fit the device's inputs; more features are refused)")
-    readout: Literal["first", "last"] | list[int] = Field(
-        default="first", description="which outputs of the last physical layer are read for the classes: "
-        "the first or last n_classes, or a list of n_classes output indices")
+    readout: Literal["auto", "first", "last", "vary_most"] | list[int] = Field(
+        default="auto", description="which outputs of the last physical layer are read for the classes: "
+        "auto (the first n_classes unless one of them never varies on a calibration batch, then "
+        "vary_most), first or last n_classes, vary_most (the n_classes that vary most on a calibration "
+        "batch measured before training), or a list of n_classes output indices")
     augment: Literal["none", "hflip"] = Field(default="none", description="training augmentation: hflip "
                                              "mirrors half of each batch's images left-right (images only)")
     theta_init_scale: float = Field(default=0.1, ge=0.0, le=1.0,
@@ -233,11 +239,13 @@ class PhyLLConfig(TrainerConfig):
     """Physical local learning: fixed physical transforms, local digital layers, forward passes only."""
 
     method: Literal["phyll"] = "phyll"
+    # Defaults chosen on validation by bench/recorded.py --choose (bench/results/defaults-phyll.json).
+    epochs: int = Field(default=30, ge=1, le=100_000)
     n_blocks: int = Field(default=2, ge=1, le=16, description="physical blocks in series")
     width: int | None = Field(default=None, ge=1, le=65_536,
                               description="outputs of each block's linear layer (default: the device's n_inputs)")
     skip: bool = Field(default=False, description="the linear layer also sees the block's device input")
-    inner_steps: int = Field(default=1, ge=1, le=1000,
+    inner_steps: int = Field(default=10, ge=1, le=1000,
                              description="optimiser steps per minibatch on one measurement")
     alpha: float = Field(default=4.0, gt=0.0, description="sharpness of the goodness-difference loss")
     theta_scale: float = Field(default=0.5, ge=0.0, le=1.0,
@@ -251,12 +259,18 @@ class PhyLLConfig(TrainerConfig):
     train_eval_size: int = Field(default=256, ge=0,
                                  description="supervised: training samples whose accuracy is measured each "
                                              "epoch (on the device; 0 = none, reported as NaN)")
+    readout: Literal["auto", "all"] | list[int] = Field(
+        default="auto", description="which device outputs the blocks' linear layers read: auto (all but "
+        "those that never vary at the block's first measurement), all, or a list of output indices")
     encoder: EncoderConfig | None = Field(
         default=None, description="how the data meet the device: tile, pad or downsample (fixed maps; "
         "PhyLL trains no encoder); default tile where the features fit, more features are refused")
 
     @model_validator(mode="after")
     def _encoder_kind(self) -> "PhyLLConfig":
+        if isinstance(self.readout, list) and (not self.readout or len(set(self.readout)) != len(self.readout)
+                                               or min(self.readout) < 0):
+            raise ValueError(f"readout: a list of distinct output indices >= 0, got {self.readout}")
         if self.encoder is not None and self.encoder.kind in ("patches", "linear"):
             raise ValueError(f"encoder: '{self.encoder.kind}' is not available to PhyLL (its blocks see one "
                              f"device row per sample and train nothing before the device); use tile, pad "

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from actors.outputs import dead_outputs, output_spread
+
 from .layers import ElementwiseAffine, PhysicalLayer
 
 
@@ -47,12 +49,13 @@ def _per_layer(value, n: int, what: str) -> list:
 
 
 def readout_indices(readout, n_outputs: int, n_classes: int, device: str) -> list[int]:
-    """The outputs of the last physical layer read for the classes (`PATConfig.readout`)."""
+    """The outputs of the last physical layer read for the classes (`PATConfig.readout`); "auto" and
+    "vary_most" start as the first n_classes until `PNN.choose_readout` measures."""
     if n_classes > n_outputs:
         raise ValueError(
             f"the device '{device}' gives {n_outputs} outputs but the data set has {n_classes} classes; a PNN "
             f"reads one output per class: use a device with n_outputs >= {n_classes}")
-    if readout == "first":
+    if readout in ("first", "auto", "vary_most"):
         return list(range(n_classes))
     if readout == "last":
         return list(range(n_outputs - n_classes, n_outputs))
@@ -61,6 +64,21 @@ def readout_indices(readout, n_outputs: int, n_classes: int, device: str) -> lis
         raise ValueError(f"readout: {n_classes} distinct indices below {n_outputs} needed (one per class, "
                          f"outputs of device '{device}'), got {idx}")
     return idx
+
+
+def pick_readout(readout, y: torch.Tensor, n_classes: int) -> tuple[list[int], list[int]]:
+    """(the outputs read, the dead outputs) from a calibration batch y [B, n_outputs] of the last
+    layer: vary_most takes the n_classes with the largest spread (actors.outputs), in output order;
+    auto takes the first n_classes unless one is dead, then does the same."""
+    spread = output_spread(y)
+    dead = dead_outputs(y)
+    n = y.shape[1]
+    if readout == "auto" and not set(dead) & set(range(n_classes)):
+        return list(range(n_classes)), dead
+    if readout in ("auto", "vary_most"):
+        top = sorted(range(n), key=lambda j: (-spread[j], j))[:n_classes]
+        return sorted(top), dead
+    return readout_indices(readout, n, n_classes, "the last layer"), dead
 
 
 def connect(h: torch.Tensor, n: int, how: str, where: str) -> torch.Tensor:
@@ -123,9 +141,17 @@ class PNN(torch.nn.Module):
             self.rescale.append(ElementwiseAffine(spec.n_inputs, scale, bias))
             self.layers.append(PhysicalLayer(dev, tw, scales[i], generator))
             width = spec.n_outputs * (self.encoder.copies if i == 0 else 1)
-        self.readout_index = readout_indices(readout, width, n_classes, specs[-1].name)
+        # A buffer: checkpoints and MLflow models keep the outputs a calibration chose.
+        self.readout_how = readout
+        self.register_buffer("readout_index", torch.tensor(
+            readout_indices(readout, width, n_classes, specs[-1].name), dtype=torch.long))
+        self._register_load_state_dict_pre_hook(self._readout_of_old_states)
         self.readout = ElementwiseAffine(n_classes, scale=readout_scale)
         self.n_classes = n_classes
+
+    def _readout_of_old_states(self, state, prefix, *args) -> None:
+        """States saved before the readout was kept in them read the outputs the config named."""
+        state.setdefault(prefix + "readout_index", self.readout_index.clone())
 
     def _inputs(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """The inputs of layer i (before its rescaling): the encoded data, or the previous outputs."""
@@ -143,6 +169,23 @@ class PNN(torch.nn.Module):
         for i, (rescale, layer) in enumerate(zip(self.rescale, self.layers)):
             h = self._outputs(i, layer(rescale(self._inputs(i, h))), batch)
         return self.readout(h[:, self.readout_index])
+
+    @torch.no_grad()
+    def last_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The last physical layer's outputs [B, n] for x, measured (one device call per layer)."""
+        h, batch = x, x.shape[0]
+        for i, (rescale, layer) in enumerate(zip(self.rescale, self.layers)):
+            h = self._outputs(i, layer(rescale(self._inputs(i, h))), batch)
+        return h
+
+    @torch.no_grad()
+    def choose_readout(self, x: torch.Tensor) -> dict:
+        """Choose the outputs read (`readout` auto or vary_most) from the last layer's outputs on the
+        calibration batch x; for any readout, say which outputs never varied there. Returns
+        {"readout_outputs": "i,j,...", "dead_outputs": "k,..."} (strings: logged as the run's params)."""
+        idx, dead = pick_readout(self.readout_how, self.last_outputs(x), self.n_classes)
+        self.readout_index.copy_(torch.tensor(idx, dtype=torch.long))
+        return {"readout_outputs": ",".join(map(str, idx)), "dead_outputs": ",".join(map(str, dead)) or "none"}
 
     @torch.no_grad()
     def data_init(self, x: torch.Tensor, spread: float = 2.0) -> None:

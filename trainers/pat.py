@@ -169,10 +169,17 @@ def _train(config: PATConfig, device, data: Dataset, report: Report | None, stat
     run = PNNRun(config, device, state, twin)
     twin_fit_calls = run.obtain_twins()  # twin measurements before the first epoch
     model = run.build(config, data.shape, gen)
-    if state is None and config.rescale_init == "data":
-        # calibrate the rescalings on the first training rows, measured where the network will train
+    setup = (run.calls(), run.rows())  # the calibration's calls count in the first epoch's device_calls
+    if state is None:
+        # One calibration batch, measured where the network will train: which outputs are read (and
+        # which never vary: a dead channel is never read silently), then the rescalings if asked.
         mode.prepare(run)
-        model.data_init(data.x_train[: max(config.batch_size, 32)])
+        readout_facts = model.choose_readout(data.x_train[:256])
+        if config.rescale_init == "data":
+            model.data_init(data.x_train[: max(config.batch_size, 32)])
+    else:
+        last = (state.get("history") or [{}])[-1]
+        readout_facts = {k: last[k] for k in ("readout_outputs", "dead_outputs") if k in last}
     run.on_device()
     opt = make_optimizer(config.optimizer, model.parameters(), config.lr)
     history, start_epoch = restore(state, model, {"main": opt}, gen)
@@ -182,7 +189,7 @@ def _train(config: PATConfig, device, data: Dataset, report: Report | None, stat
     n = data.x_train.shape[0]
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.monotonic()
-        calls0, rows0 = run.calls(), run.rows()
+        calls0, rows0 = setup if epoch == start_epoch + 1 else (run.calls(), run.rows())
         for group in opt.param_groups:
             group["lr"] = epoch_lr(config, epoch)
         model.train()
@@ -221,6 +228,7 @@ def _train(config: PATConfig, device, data: Dataset, report: Report | None, stat
             **extra,
             **run.twin_metrics(),
             **counts,
+            **readout_facts,  # strings: the run's params
         }
         if config.lr_schedule != "constant":  # a constant rate is a param of the run, not a chart
             metrics["lr"] = opt.param_groups[0]["lr"]

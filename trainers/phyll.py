@@ -46,6 +46,8 @@ import time
 
 import torch
 from .config import PhyLLConfig
+from actors.outputs import dead_outputs
+
 from .encoders import build_encoder
 from .metering import MeteredDevice
 from .networks import tile_to
@@ -122,9 +124,10 @@ class PhyLLBlock(torch.nn.Module):
     """Fixed physics (theta, a buffer) + trainable linear layer + fixed goodness vector r."""
 
     def __init__(self, n_inputs: int, n_outputs: int, width: int, theta: torch.Tensor, skip: bool,
-                 generator: torch.Generator):
+                 generator: torch.Generator, readout="auto"):
         super().__init__()
         self.skip = skip
+        self.readout_how = readout
         n_feat = n_outputs + (n_inputs if skip else 0)
         self.linear = torch.nn.Linear(n_feat, width)
         bound = 1.0 / math.sqrt(n_feat)
@@ -137,16 +140,35 @@ class PhyLLBlock(torch.nn.Module):
         self.register_buffer("mu", torch.zeros(n_outputs))
         self.register_buffer("sigma", torch.ones(n_outputs))
         self.register_buffer("calibrated", torch.tensor(False))
+        # 1 for each device output the linear layer reads, 0 for one it ignores (`readout`); standardising
+        # a dead output would turn its jitter into a unit-variance feature of pure noise.
+        self.register_buffer("live", torch.ones(n_outputs))
+        self._register_load_state_dict_pre_hook(self._live_of_old_states)
+
+    def _live_of_old_states(self, state, prefix, *args) -> None:
+        state.setdefault(prefix + "live", torch.ones_like(self.live))  # saved before `live` existed: all read
 
     @torch.no_grad()
     def calibrate(self, phi: torch.Tensor) -> None:
         if not bool(self.calibrated):
             self.mu.copy_(phi.mean(dim=0))
             self.sigma.copy_(phi.std(dim=0).clamp_min(1e-6) if phi.shape[0] > 1 else torch.ones_like(self.mu))
+            if self.readout_how == "auto":
+                self.live[dead_outputs(phi)] = 0.0
+            elif isinstance(self.readout_how, list):
+                if max(self.readout_how) >= self.live.numel():
+                    raise ValueError(f"readout: output {max(self.readout_how)} does not exist; the device "
+                                     f"has {self.live.numel()} outputs (0-based)")
+                self.live.zero_()
+                self.live[self.readout_how] = 1.0
             self.calibrated.fill_(True)
 
+    def dead(self) -> list[int]:
+        """Outputs this block does not read."""
+        return torch.nonzero(self.live == 0).flatten().tolist()
+
     def features(self, phi: torch.Tensor, u01: torch.Tensor) -> torch.Tensor:
-        f = (phi - self.mu) / self.sigma
+        f = (phi - self.mu) / self.sigma * self.live
         return torch.cat([f, 2.0 * u01 - 1.0], dim=1) if self.skip else f
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
@@ -172,7 +194,8 @@ class PhyLLNet(torch.nn.Module):
         blocks = []
         for _ in range(config.n_blocks):
             theta = mid + config.theta_scale * half * (2 * torch.rand(spec.n_params, generator=generator) - 1)
-            blocks.append(PhyLLBlock(spec.n_inputs, spec.n_outputs, width, theta, config.skip, generator))
+            blocks.append(PhyLLBlock(spec.n_inputs, spec.n_outputs, width, theta, config.skip, generator,
+                                     config.readout))
         self.blocks = torch.nn.ModuleList(blocks)
         self.readout = None
         if config.unsupervised:
@@ -352,6 +375,8 @@ def train_phyll(config: PhyLLConfig, device, data: Dataset, report: Report | Non
             "epoch_s": time.monotonic() - t0,
             "n_physical_params": 0,  # theta is fixed: PhyLL trains only the digital layers
             "n_digital_params": sum(p.numel() for p in net.parameters()),
+            # outputs the blocks do not read (`readout`; auto: those that never varied), a param of the run
+            "dead_outputs": ",".join(map(str, sorted({j for b in net.blocks for j in b.dead()}))) or "none",
         }
         metrics.update({f"loss_block{b}": v for b, v in enumerate(block_losses)})
         final: dict = {}

@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..outputs import DEAD_TOLERANCE
+
 SlotOrder = Literal["concat", "interleave"]
 
 
@@ -155,7 +157,20 @@ class CavityConfig(SimConfig):
 
 class RecordedConfig(SimConfig):
     kind: Literal["recorded"] = "recorded"
-    path: str = Field(description="CSV or NPZ file of measured rows (controls then responses)")
+    path: str | None = Field(default=None, description="one table of measured rows: controls (x then theta) "
+                             "then responses, as CSV, Parquet or NPZ (arrays controls/responses or x/theta/y)")
+    controls_path: str | None = Field(default=None, description="the controls (x then theta) as their own "
+                                      "table, with responses_path (a lab's separate x and y files)")
+    responses_path: str | None = Field(default=None, description="the responses, row for row with controls_path")
+    delimiter: Literal["auto", "comma", "tab", "semicolon", "space"] = Field(
+        default="auto", description="CSV column separator (auto: detected; ambiguity is reported)")
+    decimal: Literal["auto", "point", "comma"] = Field(default="auto", description="CSV decimal mark")
+    header: Literal["auto"] | bool = Field(default="auto", description="CSV: whether line 1 names the "
+                                           "columns (auto: when it does not parse as numbers)")
+    drop: list[Literal["zero_rows", "duplicate_rows"]] = Field(
+        default_factory=list, description="suspicious rows left out of the fit (they are reported either way)")
+    dead_tolerance: float = Field(default=DEAD_TOLERANCE, ge=0.0, lt=1.0, description="an output whose spread is below "
+                                  "this fraction of the largest output's spread is dead (never varies)")
     name: str = Field(default="recorded", description="the device's name in its spec")
     n_inputs: int = Field(ge=1, description="columns holding the data inputs x")
     n_params: int = Field(default=0, ge=0, description="columns holding the physical parameters theta")
@@ -164,13 +179,29 @@ class RecordedConfig(SimConfig):
     param_range: tuple[float, float] = Field(default=(0.0, 1.0), description="safe envelope of theta")
     holdout: float = Field(default=0.2, gt=0.0, lt=0.9, description="fraction of rows held out")
     min_rows: int = Field(default=20, ge=4, description="fewest rows accepted")
-    hidden: tuple[int, ...] = Field(default=(64, 64), description="MLP hidden widths")
-    epochs: int = Field(default=1000, ge=1, le=100_000)
-    lr: float = Field(default=0.01, gt=0.0)
-    weight_decay: float = Field(default=0.0, ge=0.0)
+    hidden: tuple[int, ...] = Field(default=(256,), description="the replay model's hidden widths (tanh MLP)")
+    steps: int = Field(default=4000, ge=1, le=10_000_000, description="Adam steps of the fit")
+    batch: int = Field(default=256, ge=1, description="rows per fit step")
+    lr: float = Field(default=0.01, gt=0.0, le=10.0, description="the fit's peak learning rate (one cycle)")
+    weight_decay: float = Field(default=0.0, ge=0.0, description="L2 penalty on the model's weights")
+    cache_dir: str | None = Field(default=None, description="where fits are kept for every process "
+                                  "(default: $PHYSFARM_CACHE_DIR, else ~/.cache/physfarm)")
+    # A replay is its own (only) model: there is no nominal model to be mismatched against. Kept out of
+    # the logged config, where "mismatch: 1.0" would mean nothing.
+    mismatch: float = Field(default=0.0, ge=0.0, exclude=True,
+                            description="not applicable: the fit is the only model of a recorded device")
 
     @model_validator(mode="after")
     def _knobs(self) -> "RecordedConfig":
+        two = (self.controls_path, self.responses_path)
+        if self.path and any(two):
+            raise ValueError("give either path (one table) or controls_path and responses_path, not both")
+        if not self.path and not all(two):
+            raise ValueError("the measured data: set path (one table: controls then responses) or both "
+                             "controls_path and responses_path (two files, row for row)")
+        if self.mismatch:
+            raise ValueError(f"mismatch={self.mismatch}: a recorded device replays a model fitted to its "
+                             f"measurements, there is no nominal model to mismatch; leave mismatch unset")
         if self.drift > 0:
             raise ValueError(f"drift={self.drift}: a recorded device replays a fitted model and has no "
                              f"drift; use drift: 0")
