@@ -7,7 +7,7 @@ so that every message about a row points at what the user sees in an editor. Not
 the columns mean; callers (a recorded device, a data set) check widths and ranges with `Table.where`.
 
 Detection (CSV, settings left at "auto"): every (delimiter, decimal) pair is tried on the first
-`SAMPLE_LINES` non-blank lines after the first; the pairs under which at least 80 % of those lines
+`SAMPLE_LINES` non-blank lines; the pairs under which at least 80 % of those lines
 split into the same number (>= 2) of numbers are the candidates (the rest are reported, by line, when
 read). One candidate, or several that agree on the
 column count, is taken (in the order tab, semicolon, comma, spaces); candidates that disagree are
@@ -120,8 +120,7 @@ def read_csv(path: Path, delimiter: str = "auto", decimal: str = "auto", header:
     lines = [(n, line) for n, line in lines if line.strip()]
     if not lines:
         raise TableError(f"{path}: the file is empty; it needs one line per measurement")
-    body = lines[1:] if len(lines) > 1 else lines
-    sample = [line for _, line in body[:SAMPLE_LINES]]
+    sample = [line for _, line in lines[:SAMPLE_LINES]]  # a header line among them is one that fails
     d, p, width = _detect(sample, delimiter, decimal, path)
     first = _split(lines[0][1], d)
     first_vals = _numbers(first, p)

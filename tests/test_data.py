@@ -147,9 +147,9 @@ def test_your_own_arrays_npz_csv_and_function(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("content, words", [
-    ("1,2,0\n3,x,1\n", "line 2 holds a value that is not a number"),
-    ("1,2,0\n3,4\n", "line 2 has 2 columns, expected 3"),
-    ("1,nan,0\n3,4,1\n", "row 1 (1-based) holds a non-finite value"),
+    ("1,2,0\n3,x,1\n", "line 2, column 2 is 'x', not a number"),
+    ("1,2,0\n3,4\n", "line 2 has 2 columns, the others 3"),
+    ("1,nan,0\n3,4,1\n", "line 1, column 2 is nan"),
     ("a,b,label\n1,2,0.5\n", "labels must be whole numbers"),
 ])
 def test_bad_csv_files_name_the_line(tmp_path, content, words):
