@@ -206,7 +206,6 @@ def _run_trial(config: dict, data: dict, devices: list[str] | None, pbt: bool, u
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
 
     reporter = EpochReporter(device, name, train_cfg, dataset, sink, accounting)
-    used["device_s_total"] = reporter.total["device_s_total"]
     try:
         m.train(train_cfg, device, dataset, report=reporter, state=state)
     except QuotaExceededError as err:

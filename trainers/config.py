@@ -130,6 +130,13 @@ class TwinConfig(BaseModel):
         return self.kind != "ideal"
 
 
+def check_readout_list(readout, empty: bool = True) -> None:
+    """A `readout` given as indices: distinct, >= 0 (and, with empty=False, at least one)."""
+    if isinstance(readout, list) and ((not readout and not empty) or len(set(readout)) != len(readout)
+                                      or min(readout, default=0) < 0):
+        raise ValueError(f"readout: a list of distinct output indices >= 0, got {readout}")
+
+
 class LayerConfig(BaseModel):
     """One physical layer of a PNN (`train.layers[i]`), where layers differ (devices, initialisation)."""
 
@@ -195,9 +202,7 @@ class PATConfig(TrainerConfig):
             self.n_layers = len(self.layers)
             if self.device is None:
                 self.device = self.layers[0].device
-        if isinstance(self.readout, list):
-            if len(set(self.readout)) != len(self.readout) or min(self.readout, default=0) < 0:
-                raise ValueError(f"readout: a list of distinct output indices >= 0, got {self.readout}")
+        check_readout_list(self.readout)
         return self
 
     def layer_devices(self) -> list[str | None]:
@@ -268,9 +273,7 @@ class PhyLLConfig(TrainerConfig):
 
     @model_validator(mode="after")
     def _encoder_kind(self) -> "PhyLLConfig":
-        if isinstance(self.readout, list) and (not self.readout or len(set(self.readout)) != len(self.readout)
-                                               or min(self.readout) < 0):
-            raise ValueError(f"readout: a list of distinct output indices >= 0, got {self.readout}")
+        check_readout_list(self.readout, empty=False)
         if self.encoder is not None and self.encoder.kind in ("patches", "linear"):
             raise ValueError(f"encoder: '{self.encoder.kind}' is not available to PhyLL (its blocks see one "
                              f"device row per sample and train nothing before the device); use tile, pad "

@@ -164,13 +164,6 @@ class PNN(torch.nn.Module):
     def _outputs(self, i: int, y: torch.Tensor, batch: int) -> torch.Tensor:
         return y.reshape(batch, -1) if i == 0 else y  # patches: the copies' outputs side by side
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, batch = x, x.shape[0]
-        for i, (rescale, layer) in enumerate(zip(self.rescale, self.layers)):
-            h = self._outputs(i, layer(rescale(self._inputs(i, h))), batch)
-        return self.readout(h[:, self.readout_index])
-
-    @torch.no_grad()
     def last_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """The last physical layer's outputs [B, n] for x, measured (one device call per layer)."""
         h, batch = x, x.shape[0]
@@ -178,12 +171,15 @@ class PNN(torch.nn.Module):
             h = self._outputs(i, layer(rescale(self._inputs(i, h))), batch)
         return h
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.readout(self.last_outputs(x)[:, self.readout_index])
+
     @torch.no_grad()
     def choose_readout(self, x: torch.Tensor) -> dict:
         """Choose the outputs read (`readout` auto or vary_most) from the last layer's outputs on the
         calibration batch x; for any readout, say which outputs never varied there. Returns
         {"readout_outputs": "i,j,...", "dead_outputs": "k,..."} (strings: logged as the run's params)."""
-        idx, dead = pick_readout(self.readout_how, self.last_outputs(x), self.n_classes)
+        idx, dead = pick_readout(self.readout_how, self.last_outputs(x), self.n_classes)  # under no_grad
         self.readout_index.copy_(torch.tensor(idx, dtype=torch.long))
         return {"readout_outputs": ",".join(map(str, idx)), "dead_outputs": ",".join(map(str, dead)) or "none"}
 

@@ -45,9 +45,10 @@ import math
 import time
 
 import torch
-from .config import PhyLLConfig
+
 from actors.outputs import dead_outputs
 
+from .config import PhyLLConfig
 from .encoders import build_encoder
 from .metering import MeteredDevice
 from .networks import tile_to
@@ -126,6 +127,9 @@ class PhyLLBlock(torch.nn.Module):
     def __init__(self, n_inputs: int, n_outputs: int, width: int, theta: torch.Tensor, skip: bool,
                  generator: torch.Generator, readout="auto"):
         super().__init__()
+        if isinstance(readout, list) and max(readout) >= n_outputs:
+            raise ValueError(f"readout: output {max(readout)} does not exist; the device has {n_outputs} "
+                             f"outputs (0-based)")
         self.skip = skip
         self.readout_how = readout
         n_feat = n_outputs + (n_inputs if skip else 0)
@@ -156,9 +160,6 @@ class PhyLLBlock(torch.nn.Module):
             if self.readout_how == "auto":
                 self.live[dead_outputs(phi)] = 0.0
             elif isinstance(self.readout_how, list):
-                if max(self.readout_how) >= self.live.numel():
-                    raise ValueError(f"readout: output {max(self.readout_how)} does not exist; the device "
-                                     f"has {self.live.numel()} outputs (0-based)")
                 self.live.zero_()
                 self.live[self.readout_how] = 1.0
             self.calibrated.fill_(True)
