@@ -149,8 +149,9 @@ class EpochReporter:
 
 # Errors that will happen again however often the trial is retried: a bad value or file (ValueError:
 # ConfigError, DataError, TableError), a request outside the device's envelope (EnvelopeError). A trial
-# meeting one ends at once (`ended_by`), instead of Tune retrying it max_failures times.
-RECURRING = (ValueError,)
+# meeting one ends at once (`ended_by`), instead of Tune retrying it max_failures times. A request refused
+# for quota would be refused again until the quota renews: it ends the trial the same way.
+RECURRING = (ValueError, QuotaExceededError)
 
 
 def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: bool = False,
@@ -177,11 +178,6 @@ def _run_trial(config: dict, data: dict, devices: list[str] | None, pbt: bool, u
     m = method(name)
     train_cfg = m.config_class.model_validate(train)
     ctx = tune.get_context()
-    refused = _quota_marker(ctx)
-    if refused is not None and refused.exists():
-        # Tune retries every failed trial (max_failures); one refused for quota would only be refused
-        # again: it fails at once with the same message, touching neither the device nor the data.
-        raise QuotaExceededError(refused.read_text())
     client_id = f"{ctx.get_experiment_name()}/{ctx.get_trial_id()}"
     device = connect_devices(train_cfg, client_id, user)
     dataset = load_dataset(DataConfig(**data))
@@ -208,21 +204,8 @@ def _run_trial(config: dict, data: dict, devices: list[str] | None, pbt: bool, u
     reporter = EpochReporter(device, name, train_cfg, dataset, sink, accounting)
     try:
         m.train(train_cfg, device, dataset, report=reporter, state=state)
-    except QuotaExceededError as err:
-        if refused is not None:
-            refused.write_text(str(err))
-        raise
     finally:
         used["device_s_total"] = reporter.total["device_s_total"]
-
-
-def _quota_marker(ctx) -> Path | None:
-    """Where a trial refused for quota notes it (its trial folder), or None outside Tune's folders."""
-    try:
-        folder = ctx.get_trial_dir()
-    except Exception:  # noqa: BLE001 - no trial folder (an unusual Tune set-up): no note
-        return None
-    return Path(folder) / "quota_refused.txt" if folder else None
 
 
 def _final_report(checkpoint, state: dict | None, train_cfg) -> dict | None:
