@@ -2,17 +2,30 @@
 
 One PAT epoch (training and test evaluation, digits, oscillators at their default size) with the
 device behind a real device actor (Ray, `farm.pool.start_device`, `farm.client.DeviceClient`), over
-the same epoch with the simulator called in-process. Both use the same trainer, config and seed;
-runs alternate (in-process, actor, in-process, ...) so machine load hits both alike; the figure is
-the median over repeats of the per-pair ratio.
+the same epoch with the simulator called in-process. Both use the same trainer, config and seed.
+
+Two set-ups (issue 19), both reported:
+  - idle core (the value): one training at a time on a 2-CPU Ray; the device actor's work runs on
+    the other core. The PAT forward sends each device call without waiting and computes the twin's
+    forward while it is in flight (`trainers/pat_function.py`). Runs alternate (in-process, actor
+    overlapped, actor plain, ...) so machine load hits all alike; the figure is the median over
+    repeats of the per-triple ratio actor / in-process. `plain` (the device call awaited before the
+    twin's forward, as before issue 19) is reported beside it: what the overlap gives.
+  - 4 trials on 2 cores (`sweep_4on2`): four trainer processes (Ray actors of 0.5 CPU each on the
+    2-CPU Ray, as Tune places four trials) each train one epoch at the same time, all through the one
+    device actor, over the same four trainings with each trainer calling its own simulator
+    in-process. The figure is the wall time of the batch of four (the sweep's time), median over
+    alternating pairs of the per-pair ratio. Here no core is idle: overlap hides little, and the
+    actor's own work competes with the trainers for the 2 cores.
 
 Measured in the same run, for reading the figure (in `details`, not the value):
   - `ray_floor`: the median round trip of a bare Ray actor that returns at once, for the same
-    request (x[64, 64], theta[n_params] float32), and the ratio it alone would set:
-    1 + device calls x round trip / in-process epoch. No serving path can beat that floor.
+    request (x[64, 64], theta[n_params] float32), and the ratio it alone would set without overlap:
+    1 + device calls x round trip / in-process epoch.
   - `simulator_bound`: the same pairs on the `plate` simulator (default size), whose forward pass
-    costs ~10x the oscillators': there the epoch is dominated by the simulator, which is what the
-    figure is meant to be about.
+    costs ~10x the oscillators'.
+
+The machine's load average is recorded: other work on a shared box raises every ratio.
 
     python -m bench.overhead [--repeats 5] [--quick]
 """
@@ -37,8 +50,26 @@ def _epoch(device, data) -> tuple[float, dict]:
     return time.perf_counter() - t0, result.history[-1]
 
 
-def _pairs(system: dict, name: str, data, repeats: int) -> list[dict]:
-    """Alternating (in-process, actor) one-epoch trainings on `system`."""
+class _NoSubmit:
+    """A device handle without `submit`: the trainer then waits for each device call before the
+    twin's forward (the plain order, before issue 19), for the comparison in `details`."""
+
+    def __init__(self, device):
+        self._device = device
+
+    @property
+    def spec(self):
+        return self._device.spec
+
+    def forward(self, x, theta):
+        return self._device.forward(x, theta)
+
+    def ideal_model(self):
+        return self._device.ideal_model()
+
+
+def _pairs(system: dict, name: str, data, repeats: int, plain: bool = True) -> list[dict]:
+    """Alternating one-epoch trainings on `system`: in-process, actor (overlapped), actor (plain)."""
     from actors.systems.registry import build_system
     from farm.client import DeviceClient
     from farm.config import DeviceConfig
@@ -49,7 +80,7 @@ def _pairs(system: dict, name: str, data, repeats: int) -> list[dict]:
     try:
         client = DeviceClient(name, client_id=f"bench-p3/{name}").connect()
         local = MeteredDevice(build_system(dict(system)))  # times its own forward calls
-        _epoch(local, data), _epoch(client, data)  # warm-up (imports, Ray workers, caches)
+        _epoch(local, data), _epoch(client, data), _epoch(_NoSubmit(client), data)  # warm-up
         pairs = []
         for i in range(repeats):
             local.seconds = 0.0
@@ -57,17 +88,77 @@ def _pairs(system: dict, name: str, data, repeats: int) -> list[dict]:
             busy0 = client.stats()["busy_s"]
             t_actor, h_actor = _epoch(client, data)
             busy = client.stats()["busy_s"] - busy0
-            pairs.append({"in_process_s": round(t_local, 4), "actor_s": round(t_actor, 4),
-                          "ratio": t_actor / t_local,
-                          "in_process_device_s": round(local.seconds, 4), "actor_busy_s": round(busy, 4),
-                          "load_avg_1m": round(os.getloadavg()[0], 2), "device_calls": h_actor["device_calls"],
-                          "device_rows": h_actor["device_rows"],
-                          "test_accuracy_in_process": h_local["test_accuracy"],
-                          "test_accuracy_actor": h_actor["test_accuracy"]})
-            print(f"{system['kind']} pair {i}: in-process {t_local:.3f} s (device {local.seconds:.3f} s), actor "
-                  f"{t_actor:.3f} s (busy {busy:.3f} s), ratio {t_actor / t_local:.3f}, load {os.getloadavg()[0]:.1f}")
+            pair = {"in_process_s": round(t_local, 4), "actor_s": round(t_actor, 4), "ratio": t_actor / t_local,
+                    "in_process_device_s": round(local.seconds, 4), "actor_busy_s": round(busy, 4),
+                    "load_avg_1m": round(os.getloadavg()[0], 2), "device_calls": h_actor["device_calls"],
+                    "device_rows": h_actor["device_rows"],
+                    "test_accuracy_in_process": h_local["test_accuracy"],
+                    "test_accuracy_actor": h_actor["test_accuracy"]}
+            if plain:
+                t_plain, _ = _epoch(_NoSubmit(client), data)
+                pair.update(actor_plain_s=round(t_plain, 4), ratio_plain=t_plain / t_local)
+            pairs.append(pair)
+            print(f"{system['kind']} {i}: in-process {t_local:.3f} s (device {local.seconds:.3f} s), actor "
+                  f"{t_actor:.3f} s (busy {busy:.3f} s), ratio {t_actor / t_local:.3f}"
+                  + (f", plain {pair['ratio_plain']:.3f}" if plain else "") + f", load {os.getloadavg()[0]:.1f}")
         return pairs
     finally:
+        stop_device(name)
+
+
+def _sweep_4on2(system: dict, name: str, repeats: int, trials: int = 4) -> dict:
+    """`trials` trainer processes training one epoch each at once, through one device actor, over the
+    same with each calling its own simulator in-process; alternating, median of per-pair ratios."""
+    import ray
+
+    from farm.config import DeviceConfig
+    from farm.pool import start_device, stop_device
+
+    @ray.remote(num_cpus=0.5)  # four of them fill the 2-CPU Ray, as four Tune trials would
+    class Trainer:
+        def __init__(self, device_name: str, system: dict, k: int):
+            import torch
+
+            from actors.systems.registry import build_system
+            from farm.client import DeviceClient
+            from farm.data import DataConfig, load_dataset
+
+            torch.set_num_threads(1)
+            self.data = load_dataset(DataConfig(kind="digits"))
+            self.local = build_system(dict(system))
+            self.client = DeviceClient(device_name, client_id=f"bench-p3-sweep/{k}").connect()
+
+        def epoch(self, where: str) -> float:
+            return _epoch(self.client if where == "actor" else self.local, self.data)[0]
+
+    handles = start_device(DeviceConfig(name=name, system=dict(system)))  # noqa: F841 - keeps it alive
+    trainers = [Trainer.remote(name, dict(system), k) for k in range(trials)]
+    try:
+        ray.get([t.epoch.remote(w) for t in trainers for w in ("in_process", "actor")])  # warm-up
+
+        def batch(where: str) -> tuple[float, list[float]]:
+            t0 = time.perf_counter()
+            each = ray.get([t.epoch.remote(where) for t in trainers])
+            return time.perf_counter() - t0, each
+
+        pairs = []
+        for i in range(repeats):
+            t_local, each_local = batch("in_process")
+            t_actor, each_actor = batch("actor")
+            pairs.append({"in_process_s": round(t_local, 4), "actor_s": round(t_actor, 4),
+                          "ratio": t_actor / t_local, "per_trial_in_process_s": [round(v, 4) for v in each_local],
+                          "per_trial_actor_s": [round(v, 4) for v in each_actor],
+                          "load_avg_1m": round(os.getloadavg()[0], 2)})
+            print(f"sweep {trials} on 2 cores {i}: in-process {t_local:.3f} s, actor {t_actor:.3f} s, "
+                  f"ratio {t_actor / t_local:.3f}, load {os.getloadavg()[0]:.1f}")
+        return {"ratio": statistics.median(p["ratio"] for p in pairs), "trials": trials,
+                "trainers": "Ray actors of 0.5 CPU on a 2-CPU Ray, torch 1 thread each",
+                "what": "wall time of the batch of trials (each one epoch) through the one device actor, over "
+                        "the same batch with each trainer calling its own simulator in-process",
+                "pairs": pairs}
+    finally:
+        for t in trainers:
+            ray.kill(t)
         stop_device(name)
 
 
@@ -98,7 +189,8 @@ def _summary(pairs: list[dict]) -> dict:
     calls = pairs[0]["device_calls"]
     t_local = statistics.median(p["in_process_s"] for p in pairs)
     t_actor = statistics.median(p["actor_s"] for p in pairs)
-    return {"ratio": statistics.median(p["ratio"] for p in pairs), "device_calls": calls,
+    plain = {"ratio_plain": statistics.median(p["ratio_plain"] for p in pairs)} if "ratio_plain" in pairs[0] else {}
+    return {"ratio": statistics.median(p["ratio"] for p in pairs), **plain, "device_calls": calls,
             "in_process_s": t_local, "actor_s": t_actor,
             "in_process_device_share": round(statistics.median(p["in_process_device_s"] / p["in_process_s"]
                                                                for p in pairs), 3),
@@ -126,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         load_before = os.getloadavg()[0]
         pairs = _pairs(SYSTEM, "p3-oscillators", data, repeats)
         rtt_ms = _ray_round_trip_ms(build_system(dict(SYSTEM)).spec.n_params)
-        bound = _pairs(SIM_BOUND, "p3-plate", data, max(2, repeats // 2 + 1))
+        sweep = _sweep_4on2(SYSTEM, "p3-sweep", repeats)
+        bound = _pairs(SIM_BOUND, "p3-plate", data, max(2, repeats // 2 + 1), plain=False)
         load_after = os.getloadavg()[0]
     finally:
         ray.shutdown()
@@ -134,19 +227,27 @@ def main(argv: list[str] | None = None) -> int:
     value = main_summary["ratio"]
     met = value <= 1.15
     floor = 1 + main_summary["device_calls"] * rtt_ms / 1000 / main_summary["in_process_s"]
-    print(f"P3: {value:.3f} (target <= 1.15, {'met' if met else 'MISSED'}); {main_summary['device_calls']} device "
-          f"calls per epoch, {main_summary['extra_ms_per_device_call']:.2f} ms extra per call; a bare Ray round "
-          f"trip is {rtt_ms:.2f} ms (floor ratio {floor:.3f}); simulator-bound (plate): "
-          f"{bound_summary['ratio']:.3f}")
+    print(f"P3: {value:.3f} on an idle core (target <= 1.15, {'met' if met else 'MISSED'}; without the overlap "
+          f"{main_summary['ratio_plain']:.3f}); 4 trials on 2 cores: {sweep['ratio']:.3f}; "
+          f"{main_summary['device_calls']} device calls per epoch, {main_summary['extra_ms_per_device_call']:.2f} ms "
+          f"extra per call; a bare Ray round trip is {rtt_ms:.2f} ms (floor ratio without overlap {floor:.3f}); "
+          f"simulator-bound (plate): {bound_summary['ratio']:.3f}")
     if not args.quick:
         from bench.common import write_result
 
         path = write_result("P3", value, "ratio", "<= 1.15", met, "python -m bench.overhead", {
-            "pairs": pairs, "median_over": "alternating pairs of one-epoch trainings", **main_summary,
+            "setup": "idle core: one training at a time, the device actor on the other core; PAT's device "
+                     "call overlapped with the twin's forward",
+            "pairs": pairs, "median_over": "alternating (in-process, actor, actor plain) one-epoch trainings",
+            **main_summary,
+            "overlap_gain": {"ratio_overlapped": round(main_summary["ratio"], 4),
+                             "ratio_plain": round(main_summary["ratio_plain"], 4),
+                             "what": "plain: the device call awaited before the twin's forward (before issue 19)"},
+            "sweep_4on2": sweep,
             "system": SYSTEM, "train": TRAIN, "data": {"kind": "digits"},
             "ray": {"num_cpus": 2, "device_actor_num_cpus": 0},
             "ray_floor": {"bare_round_trip_ms": round(rtt_ms, 3), "floor_ratio": round(floor, 3),
-                          "what": "1 + device calls x bare Ray round trip / in-process epoch"},
+                          "what": "1 + device calls x bare Ray round trip / in-process epoch (without overlap)"},
             "simulator_bound": {"system": SIM_BOUND, **bound_summary, "pairs": bound},
             "load_avg_1m_before": round(load_before, 2), "load_avg_1m_after": round(load_after, 2),
             "note": "ratios of wall times on a 2-core machine; the oscillators' forward pass is cheap "

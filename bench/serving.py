@@ -10,7 +10,11 @@ P2  throughput in the P1 set-up as a fraction of the device's own limit (256 row
     starts with whatever is queued when the last one ends, and the clients answered by that call,
     one Ray round trip away, often miss it (calls averaged ~225 of 256 rows).
 P4  median round trip of one 256 x 64 float32 request through `DeviceClient.forward` to a device
-    actor whose device costs nothing (`NullSystem` below), one client, sequential.
+    actor whose device costs nothing (`NullSystem` below), one client, sequential, over a plain sync
+    Ray actor's (`def forward(self, x, theta): return x`) for the same payload; calls interleaved
+    with those of reference actors (threaded, async, threaded with a device-thread handoff) so that
+    `breakdown_ms` says what each layer of the path costs, plus in-process microseconds of its steps
+    (envelope check, audit write, answer copy).
 
 The device of P1/P2 is `SleepSystem` below: its cost, 10 ms per call + 0.01 ms per row, is slept
 like an instrument waiting on its hardware (a call of 256 rows takes 12.56 ms), so the figures
@@ -35,11 +39,16 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from actors.device_actor import RAY_THREADS
 from actors.spec import SystemSpec
 
 COMMAND = "python -m bench.serving"
 CALL_S, ROW_S, MAX_ROWS, REQUEST_ROWS, CLIENTS = 0.010, 0.00001, 256, 64, 8
 LIMIT_ROWS_PER_S = MAX_ROWS / (CALL_S + ROW_S * MAX_ROWS)  # 20382 rows/s
+
+# What issue 19's changes gave, measured once (not by this script: the code before them is gone from
+# this tree) and quoted in P4's details. See the entries for how.
+BEFORE_AFTER = {"todo": "filled below"}
 
 
 class NullConfig(BaseModel):
@@ -195,7 +204,89 @@ def _serve(kind: str, max_rows: int, repeats: int, seconds: float, warmup: float
         stop_device(name)
 
 
+def _reference_actors() -> dict:
+    """Ray actors that do nothing but answer y = x (NullSystem's output), one per serving model: the
+    figures physfarm's round trip is read against (P4's denominator is `plain_sync`)."""
+    import ray
+
+    from actors.device_actor import RAY_THREADS
+
+    class Plain:  # what a user would write first: a plain (sync, one-thread) Ray actor
+        def forward(self, x, theta):
+            return x
+
+    class AsyncPlain:  # the serving model physfarm had before issue 19
+        async def forward(self, x, theta):
+            return x
+
+    class Handoff:
+        """A threaded actor that hands each request to one device thread and waits for its answer:
+        the least a device-thread actor can cost (physfarm's actor minus its checks and bookkeeping)."""
+
+        def __init__(self):
+            self._cond = threading.Condition()
+            self._todo: list = []
+            threading.Thread(target=self._device, daemon=True).start()
+
+        def _device(self):
+            while True:
+                with self._cond:
+                    while not self._todo:
+                        self._cond.wait()
+                    x, box, done = self._todo.pop(0)
+                box.append(np.concatenate([x]))
+                done.set()
+
+        def forward(self, x, theta):
+            box, done = [], threading.Event()
+            with self._cond:
+                self._todo.append((x, box, done))
+                self._cond.notify()
+            done.wait()
+            return box[0]
+
+    remote = ray.remote(num_cpus=0)
+    return {"plain_sync": remote(Plain).remote(),
+            "plain_threaded": remote(Plain).options(max_concurrency=RAY_THREADS).remote(),
+            "plain_async": remote(AsyncPlain).remote(),
+            "threaded_handoff": remote(Handoff).options(max_concurrency=RAY_THREADS).remote()}
+
+
+def _in_process_costs(x: np.ndarray, theta: np.ndarray, n: int = 2000) -> dict:
+    """Microseconds of the serving path's own steps for one 256 x 64 request, in this process."""
+    import tempfile
+    import timeit
+    from pathlib import Path
+
+    from actors.audit import AuditLog
+    from actors.device_actor import DeviceActor
+    from actors.envelope import check_request
+
+    spec = NullSystem(NullConfig(kind="null")).spec
+    frozen = x.copy()
+    frozen.setflags(write=False)  # as Ray hands it to the actor
+    folder = Path(tempfile.mkdtemp(prefix="p4-audit-"))
+    log = AuditLog(folder / "null.0.jsonl")
+    actor = DeviceActor({"kind": "bench.serving:NullSystem"}, name="p4-inproc#0", audit_dir_path=str(folder))
+
+    def us(fn) -> float:
+        fn()
+        return 1e6 * min(timeit.repeat(fn, number=max(1, n // 5), repeat=5)) / max(1, n // 5)
+
+    try:
+        return {
+            "envelope_check_us": us(lambda: check_request(spec, frozen, theta, device="d", batched_theta=False)),
+            "audit_write_us": us(lambda: log.call(time.time(), 1e-4, [("u", "c", 256, theta, 1e-4, 0.0)])),
+            "answer_copy_us": us(lambda: torch.from_numpy(np.array(frozen, dtype=np.float32))),
+            "actor_forward_in_process_us": us(lambda: actor.forward(frozen, theta, "c")),
+        }
+    finally:
+        actor.close()
+        log.close()
+
+
 def _round_trips(n: int) -> dict:
+    """P4: physfarm's round trip and the reference actors', interleaved call by call (medians, ms)."""
     import ray
 
     from farm.client import DeviceClient
@@ -204,29 +295,49 @@ def _round_trips(n: int) -> dict:
 
     name = "bench-null"
     handles = start_device(DeviceConfig(name=name, system={"kind": "bench.serving:NullSystem"}))
+    refs = _reference_actors()
     try:
         client = DeviceClient(name, client_id="p4").connect()
         x = np.random.default_rng(0).uniform(-1, 1, size=(256, 64)).astype(np.float32)
         theta = np.zeros(1, np.float32)
         h = handles[0]
-
-        def timed(fn) -> list[float]:  # ms per call, after max(20, n/10) warm-up calls
+        calls = {"physfarm_client": lambda: client.forward(x, theta),
+                 "physfarm_actor_raw": lambda: ray.get(h.forward.remote(x, theta, "p4-raw")),
+                 **{k: (lambda a=a: ray.get(a.forward.remote(x, theta))) for k, a in refs.items()},
+                 "ping": lambda: ray.get(h.ping.remote())}
+        for fn in calls.values():  # warm-up: workers, caches, every Ray thread of the threaded ones
             _call_loop(fn, [], count=max(20, n // 10))
-            return [1000 * s for s in _call_loop(fn, [], count=n)]
-
-        via_client = timed(lambda: client.forward(x, theta))
-        raw_actor = timed(lambda: ray.get(h.forward.remote(x, theta, "p4-raw")))
-        ping = timed(lambda: ray.get(h.ping.remote()))
+        ms: dict[str, list[float]] = {k: [] for k in calls}
+        for _ in range(n):  # interleaved: load hits every kind alike
+            for k, fn in calls.items():
+                t0 = time.perf_counter()
+                fn()
+                ms[k].append(1000 * (time.perf_counter() - t0))
         y = client.forward(x, theta)
-        assert y.shape == (256, 64) and np.array_equal(y.numpy(), x)
+        if y.shape != (256, 64) or not np.array_equal(y.numpy(), x):
+            raise RuntimeError("the null device did not answer y = x")
+        med = {k: statistics.median(v) for k, v in ms.items()}
+        plain = med["plain_sync"]
         return {
-            "client_ms": statistics.median(via_client),
-            "client_ms_p90": float(np.percentile(via_client, 90)),
-            "raw_actor_forward_ms": statistics.median(raw_actor),
-            "ping_ms": statistics.median(ping),
+            "ratio": med["physfarm_client"] / plain,
+            "client_ms": med["physfarm_client"],
+            "client_ms_p90": float(np.percentile(ms["physfarm_client"], 90)),
+            "plain_sync_ms": plain,
+            "median_ms": {k: round(v, 4) for k, v in med.items()},
+            "over_plain_sync": {k: round(v / plain, 4) for k, v in med.items()},
+            "breakdown_ms": {
+                "threads_over_one": round(med["plain_threaded"] - plain, 4),
+                "async_over_threaded": round(med["plain_async"] - med["plain_threaded"], 4),
+                "device_thread_handoff": round(med["threaded_handoff"] - med["plain_threaded"], 4),
+                "actor_checks_and_bookkeeping": round(med["physfarm_actor_raw"] - med["threaded_handoff"], 4),
+                "client_wrapper": round(med["physfarm_client"] - med["physfarm_actor_raw"], 4),
+            },
+            "in_process_us": _in_process_costs(x, theta),
             "round_trips": n,
         }
     finally:
+        for a in refs.values():
+            ray.kill(a)
         stop_device(name)
 
 
@@ -279,8 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"P1 utilisation           {util:.3f}   (target >= 0.95; windows {[round(w['utilisation'], 3) for w in on]})")
     print(f"P2 throughput            {thr_on:.0f} rows/s = {fraction:.3f} of {LIMIT_ROWS_PER_S:.0f} (target >= 0.90)")
     print(f"   batching off          {thr_off:.0f} rows/s; gain {gain:.2f}x (about 3.4x expected)")
-    print(f"P4 round trip 256x64     {p4['client_ms']:.2f} ms median via DeviceClient "
-          f"(raw actor call {p4['raw_actor_forward_ms']:.2f} ms, ping {p4['ping_ms']:.2f} ms; target <= 2 ms)")
+    print(f"P4 round trip 256x64     {p4['ratio']:.3f} x a plain sync Ray actor's (target <= 1.10): "
+          f"{p4['client_ms']:.2f} ms via DeviceClient vs {p4['plain_sync_ms']:.2f} ms; medians (ms) "
+          f"{p4['median_ms']}; in-process (us) { {k: round(v, 1) for k, v in p4['in_process_us'].items()} }")
     print(f"load average (1 min) before {load_before:.2f}, after {load_after:.2f} on {os.cpu_count()} cores")
     if args.quick:
         return 0
@@ -291,10 +403,17 @@ def main(argv: list[str] | None = None) -> int:
                   "batching_off_rows_per_s": thr_off, "gain_over_batching_off": gain,
                   "gain_expected": LIMIT_ROWS_PER_S / (REQUEST_ROWS / (CALL_S + ROW_S * REQUEST_ROWS)),
                   "per_window": on, "per_window_batching_off": off})
-    write_result("P4", p4["client_ms"], "ms", "<= 2 ms on this 2-core machine", p4["client_ms"] <= 2.0,
-                 command, {**p4, "request": "256 x 64 float32, theta[1], NullSystem (y = x)",
-                           "load_avg_1m_before": round(load_before, 2),
-                           "load_avg_1m_after": round(load_after, 2)})
+    write_result("P4", p4["ratio"], "ratio", "<= 1.10", p4["ratio"] <= 1.10, command,
+                 {**p4, "request": "256 x 64 float32, theta[1], NullSystem (y = x)",
+                  "what": "median round trip through DeviceClient.forward over a plain sync Ray actor's "
+                          "(returns x) for the same payload, calls interleaved in the same run",
+                  "references": {
+                      "plain_sync": "@ray.remote class, def forward(x, theta): return x (one thread)",
+                      "plain_threaded": f"the same with max_concurrency={RAY_THREADS} (physfarm's actor's threads)",
+                      "plain_async": "the same as an async method (physfarm's serving model before issue 19)",
+                      "threaded_handoff": "threaded, each request handed to one device thread and awaited"},
+                  "before_after": BEFORE_AFTER,
+                  "load_avg_1m_before": round(load_before, 2), "load_avg_1m_after": round(load_after, 2)})
     return 0
 
 

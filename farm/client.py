@@ -25,7 +25,7 @@ from actors.spec import SystemSpec
 from .lease import Lease
 from .pool import NAMESPACE
 from .replicas import Replicas
-from .retry import RetryPolicy
+from .retry import Call, RetryPolicy
 from .runinfo import current_user
 
 __all__ = ["DeviceClient", "Lease", "DeviceError", "DeviceBusyError", "DeviceLeasedError",
@@ -105,12 +105,19 @@ class DeviceClient:
     # -- the Device protocol ----------------------------------------------------------------------------
     def forward(self, x, theta) -> torch.Tensor:
         """y[B, n_outputs] for x[B, n_inputs] and theta[n_params] (float32)."""
+        return self.submit(x, theta).result()
+
+    def submit(self, x, theta) -> "Measurement":
+        """Send a forward request without waiting for it: `.result()` of the returned handle gives
+        y[B, n_outputs] (a torch float32 tensor) as `forward` would, with the same retries, lease,
+        user and client id; `.cancel()` gives it up. The trainers' overlap (`trainers.inflight`)."""
+        # No copy when the caller's data is already contiguous float32 (a tensor's numpy() is a view).
         x = np.ascontiguousarray(x.detach().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
         theta = np.ascontiguousarray(
             theta.detach().numpy() if isinstance(theta, torch.Tensor) else theta, dtype=np.float32)
         token = self._lease.token if self._lease is not None and self._lease.active else None
-        y = self._call("forward", x, theta, self.client_id, token, self.user, rows=int(x.shape[0]) if x.ndim else 0)
-        return torch.from_numpy(np.array(y, dtype=np.float32))  # copy: Ray's buffers are read-only
+        return Measurement(self._retry.send(self._replicas, "serve", x, theta, (self.client_id, token, self.user),
+                                            rows=int(x.shape[0]) if x.ndim else 0, label="forward"))
 
     def ideal_model(self) -> torch.nn.Module:
         return self._call("ideal_model")
@@ -158,6 +165,21 @@ class DeviceClient:
         """Release this client's lease (if any and not released already)."""
         if self._lease is not None and not self._lease.released:
             self._lease.release()
+
+
+class Measurement:
+    """A forward request in flight (`DeviceClient.submit`)."""
+
+    def __init__(self, call: Call):
+        self._call = call
+
+    def result(self) -> torch.Tensor:
+        y = self._call.result()
+        # The one copy of the answer: Ray hands back read-only buffers, torch wants writable ones.
+        return torch.from_numpy(np.array(y, dtype=np.float32))
+
+    def cancel(self) -> None:
+        self._call.cancel()
 
 
 def merge_replica_stats(device: str, per: list[dict]) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 import ray
 
 
-from actors.device_actor import DeviceActor
+from actors.device_actor import RAY_THREADS, DeviceActor
 from actors.errors import DeviceError
 
 from .config import DeviceConfig, DeviceList, check_systems, read_yaml, validated
@@ -113,7 +113,7 @@ def start_device(dev: DeviceConfig, detached: bool = False, timeout_s: float = 1
         existed = find_device(dev.name, i) is not None
         options = dict(
             name=name, namespace=NAMESPACE, num_cpus=0, max_restarts=dev.max_restarts,
-            max_concurrency=1000, resources=dict(dev.resources) or None, get_if_exists=True,
+            max_concurrency=RAY_THREADS, resources=dict(dev.resources) or None, get_if_exists=True,
         )
         if dev.node_labels:
             options["label_selector"] = dict(dev.node_labels)

@@ -1,6 +1,6 @@
 """Property: whatever mix of concurrent clients, request sizes and device max rows, dynamic batching
 gives every client exactly its own rows, in order, with its own theta, and no device call exceeds the
-device's max rows. The `DeviceActor` runs in-process on asyncio (the same code a Ray actor runs; its
+device's max rows. The `DeviceActor` runs in-process, driven from asyncio through `submit` (the same code a Ray actor runs; its
 concurrency is the event loop's), so hypothesis can try hundreds of interleavings in seconds.
 """
 from __future__ import annotations
@@ -71,9 +71,9 @@ def test_every_client_gets_exactly_its_rows_in_order(plans, max_rows, max_wait_m
     async def client(c: int, sizes: list[int], concurrent: bool):
         reqs = [(_rows(c, r, n), np.array([1000 * c + r], np.float32)) for r, n in enumerate(sizes)]
         if concurrent:
-            ys = await asyncio.gather(*(actor.forward(x, t, f"c{c}") for x, t in reqs))
+            ys = await asyncio.gather(*(asyncio.wrap_future(actor.submit(x, t, f"c{c}")) for x, t in reqs))
         else:
-            ys = [await actor.forward(x, t, f"c{c}") for x, t in reqs]
+            ys = [await asyncio.wrap_future(actor.submit(x, t, f"c{c}")) for x, t in reqs]
         return reqs, ys
 
     async def main():
@@ -105,11 +105,12 @@ def test_round_robin_serves_a_light_client_within_one_turn(light, heavy_requests
     actor = DeviceActor({"kind": f"{__name__}:TagSystem", "max_rows": 8}, name="tag#0")
 
     async def main():
-        await actor.connect()  # as a running device is: connected before the requests come
-        heavy = [asyncio.ensure_future(actor.forward(_rows(0, r, 8), np.zeros(1, np.float32), "heavy"))
+        actor.connect()  # as a running device is: connected before the requests come
+        heavy = [asyncio.wrap_future(actor.submit(_rows(0, r, 8), np.zeros(1, np.float32), "heavy"))
                  for r in range(heavy_requests)]
-        await asyncio.sleep(0)  # heavy's requests are queued (the first call may have started)
-        y = await actor.forward(_rows(1, 0, light), np.zeros(1, np.float32), "light")
+        # heavy's requests are queued once submit returns (the first call may have started); the
+        # light one comes now, not after yielding to the loop (the device thread may take the GIL then)
+        y = await asyncio.wrap_future(actor.submit(_rows(1, 0, light), np.zeros(1, np.float32), "light"))
         await asyncio.gather(*heavy)
         return y
 

@@ -2,7 +2,6 @@
 that constructing it does no I/O."""
 from __future__ import annotations
 
-import asyncio
 import threading
 
 import numpy as np
@@ -182,7 +181,7 @@ def test_constructing_the_actor_does_no_io_until_used():
         assert actor.stats()["calls"] == 0 and actor.load() == {"queued_rows": 0, "busy": False, "leased": False}
         assert actor.lease_info() is None
         assert actor._system.log == [] and device_threads() == []
-        y = asyncio.run(actor.forward(np.full((2, 3), 0.5, np.float32), np.zeros(1, np.float32), "c"))
+        y = actor.forward(np.full((2, 3), 0.5, np.float32), np.zeros(1, np.float32), "c")
         np.testing.assert_array_equal(y, np.full((2, 3), 0.5, np.float32))
         assert actor._system.log == ["connect", "forward"] and len(device_threads()) == 1
     finally:

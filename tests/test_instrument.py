@@ -269,7 +269,7 @@ def test_device_actor_serves_an_instrument(serve):
     x, theta = rand(build_system(OSC).spec, 5)
 
     async def go():
-        return await actor.forward(x.numpy(), theta.numpy(), client="t")
+        return await asyncio.wrap_future(actor.submit(x.numpy(), theta.numpy(), client="t"))
 
     y = asyncio.run(go())
     assert y.shape == (5, 10)

@@ -131,10 +131,10 @@ def test_a_high_class_user_goes_first_and_the_normal_class_is_not_starved():
                         priorities={"users": {"alice": 0}, "default": 1, "max_skips": 2})
 
     async def main():
-        bob = [asyncio.ensure_future(actor.forward(np.zeros((4, 1), np.float32), np.zeros(1, np.float32),
+        bob = [asyncio.wrap_future(actor.submit(np.zeros((4, 1), np.float32), np.zeros(1, np.float32),
                                                    f"bob/{i}", None, "bob")) for i in range(12)]
         await asyncio.sleep(0.002)  # bob's first call is on the device: alice comes while bob's 11 wait
-        alice = [asyncio.ensure_future(actor.forward(np.ones((4, 1), np.float32), np.zeros(1, np.float32),
+        alice = [asyncio.wrap_future(actor.submit(np.ones((4, 1), np.float32), np.zeros(1, np.float32),
                                                      "alice/nb", None, "alice")) for _ in range(6)]
         await asyncio.gather(*bob, *alice)
 

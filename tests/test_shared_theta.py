@@ -64,8 +64,8 @@ def _serve(kind: str, requests: list[tuple[np.ndarray, np.ndarray, str]], max_wa
     actor = DeviceActor({"kind": f"{__name__}:{kind}"}, name="shape#0", max_wait_s=max_wait_s)
 
     async def main():
-        await actor.connect()
-        return await asyncio.gather(*(actor.forward(x, t, c) for x, t, c in requests))
+        actor.connect()
+        return await asyncio.gather(*(asyncio.wrap_future(actor.submit(x, t, c)) for x, t, c in requests))
 
     try:
         ys = asyncio.run(main())
@@ -137,7 +137,7 @@ def test_oscillators_device_through_the_actor_equals_in_process():
     x = rng.uniform(-1, 1, (9, 6)).astype(np.float32)
     theta = rng.uniform(-2, 2, 42).astype(np.float32)
     try:
-        y = asyncio.run(actor.forward(x, theta, "c"))
+        y = actor.forward(x, theta, "c")
     finally:
         actor.close()
     ref = Oscillators(cfg).forward(x, np.ascontiguousarray(np.broadcast_to(theta, (9, 42)))).numpy()
@@ -164,7 +164,7 @@ def test_the_actor_checks_a_request_once_and_the_local_path_still_checks(monkeyp
     x, theta = np.full((3, 4), 0.1, np.float32), np.zeros(20, np.float32)
     actor = DeviceActor(cfg, name="osc#0")
     try:
-        served = asyncio.run(actor.forward(x, theta, "c"))
+        served = actor.forward(x, theta, "c")
     finally:
         actor.close()
     assert checks == ["actors.device_actor"]
