@@ -17,9 +17,12 @@ lease, reservation, envelope, full queue; duration 0). Lines with an `event` key
 
 Cost and durability. The lines of one device call are written with a single `write` on a file
 opened with O_APPEND, by the device thread after the call and before its answers go out: a few
-microseconds per call next to a device call of milliseconds, nothing on the actor's event loop, and
-an answered request is always in the file, even if the actor is killed the next instant (the kernel
-holds what was written; only a machine crash can lose the last lines, as no fsync is made). The
+microseconds per call next to a device call of milliseconds (P4's details measure it: `audit_write_us`),
+nothing on the threads that take requests, and an answered request is always in the file, even if
+the actor is killed the next instant (the kernel holds what was written; only a machine crash can
+lose the last lines, as no fsync is made). Buffering the lines in the process and writing them later
+would save those microseconds but lose the answered requests of a killed actor (S2, the audit's
+completeness, would break): issue 19 measured the write and kept it unbuffered. The
 file survives actor restarts: a restarted actor appends to it and rebuilds its accounting from it
 (`replay`). A write that fails (disk full) does not fail the requests; it is counted (`errors`).
 """

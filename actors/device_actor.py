@@ -581,8 +581,10 @@ class DeviceActor:
             self._audit_call(batch, t0, elapsed, started, f"error: {type(error).__name__}: {str(error)[:200]}")
             self._answer(batch, None, error)
             return
-        offsets = np.cumsum([0, *sizes])
-        parts = [y[offsets[i] : offsets[i + 1]] for i in range(len(batch))]
+        parts, start = [], 0  # each request's rows (views of y); a Python sum: np.cumsum costs ~5 us
+        for n in sizes:
+            parts.append(y[start : start + n])
+            start += n
         with self._lock:
             elapsed = self._stats.call_succeeds([(r.client, n) for r, n in zip(batch, sizes)])
             if self._quota is not None:
