@@ -3,6 +3,7 @@ that constructing it does no I/O."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -187,3 +188,24 @@ def test_constructing_the_actor_does_no_io_until_used():
     finally:
         actor.close()
     assert actor._system.log[-1] == "close" and device_threads() == []
+
+
+def test_a_request_given_up_by_its_client_is_dropped_from_the_queue(ray_session):
+    """A client timeout cancels its Ray call; the threaded actor notices (Ray only flags the task) and
+    the request, still queued behind a slow call, is never served."""
+    from actors.errors import DeviceTimeoutError
+
+    handles = start_device(DeviceConfig(name="slowq", system={"kind": "oscillators", "n": N, "latency_call_s": 1.5}))
+    try:
+        ray.get(handles[0].connect.remote())
+        first = handles[0].forward.remote(_x(2), np.zeros(N_PARAMS, np.float32), "first")  # on the device 1.5 s
+        impatient = DeviceClient("slowq", client_id="impatient", retries=0, timeout_s=0.3).connect()
+        with pytest.raises(DeviceTimeoutError):
+            impatient.forward(_x(3), np.zeros(N_PARAMS, np.float32))
+        assert ray.get(first).shape == (2, N)
+        time.sleep(2.0)  # longer than a call: a served impatient request would have been counted by now
+        stats = ray.get(handles[0].stats.remote())
+        assert stats["calls"] == 1 and stats["queued_requests"] == 0
+        assert "impatient" not in stats["clients"] or stats["clients"]["impatient"]["rows"] == 0
+    finally:
+        stop_device("slowq")
