@@ -81,6 +81,40 @@ def test_a_second_backward_through_the_same_output_still_works():
     assert torch.equal(g1, g2)
 
 
+def test_the_twin_runs_while_the_device_call_is_in_flight():
+    """The order of the overlap: the call is sent, the twin's forward runs, then the answer is collected."""
+    events = []
+    exact = Oscillators(n=N, seed=4, noise=0.0)
+
+    class Pending:
+        def __init__(self, y):
+            self._y = y
+
+        def result(self):
+            events.append("collect")
+            return self._y
+
+        def cancel(self):
+            events.append("cancel")
+
+    class Device:
+        spec = exact.spec
+
+        def submit(self, x, theta):
+            events.append("send")
+            return Pending(exact.forward(x, theta))
+
+    class Twin(torch.nn.Module):
+        def forward(self, x, theta):
+            events.append("twin")
+            return exact.ideal_model()(x, theta)
+
+    x, theta, w = _point(4)
+    y = pat_apply(x, theta, Device(), Twin())
+    (y * w).sum().backward()
+    assert events == ["send", "twin", "collect"]
+
+
 def test_begin_forward_calls_a_device_without_submit_at_once():
     device = Oscillators(n=N, seed=4, noise=0.0)
     x = torch.zeros(2, N)
