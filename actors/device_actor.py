@@ -15,7 +15,8 @@ batch (the system is then called through `forward_checked` where it has one, so 
 again). One device thread owns the device (every `connect` and `forward` of the system runs on it, as
 instrument drivers often require): it takes a batch from the fair queue, up to the device's max rows,
 runs the device call, writes the call's audit lines and then answers each request's future itself;
-then it takes the next batch at once.
+then it takes the next batch at once (when that batch is ready at once, the answers go out just
+before its call starts, so the threads they wake run while the device works).
 
 A threaded Ray actor (sync methods; `farm.pool` starts it with `max_concurrency=RAY_THREADS`): each
 `forward` runs on one of Ray's actor threads, queues its request (`submit`) and blocks on its future
