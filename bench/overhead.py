@@ -9,8 +9,9 @@ Two set-ups (issue 19), both reported:
     the other core. The PAT forward sends each device call without waiting and computes the twin's
     forward while it is in flight (`trainers/pat_function.py`). Runs alternate (in-process, actor
     overlapped, actor plain, ...) so machine load hits all alike; the figure is the median over
-    repeats of the per-triple ratio actor / in-process. `plain` (the device call awaited before the
-    twin's forward, as before issue 19) is reported beside it: what the overlap gives.
+    repeats of the per-triple ratio actor / in-process (the two actor runs swap places every other
+    repeat). `plain` (the device call awaited before the twin's forward, as before issue 19) is
+    reported beside it: what the overlap gives.
   - 4 trials on 2 cores (`sweep_4on2`): four trainer processes (Ray actors of 0.5 CPU each on the
     2-CPU Ray, as Tune places four trials) each train one epoch at the same time, all through the one
     device actor, over the same four trainings with each trainer calling its own simulator
@@ -27,7 +28,7 @@ Measured in the same run, for reading the figure (in `details`, not the value):
 
 The machine's load average is recorded: other work on a shared box raises every ratio.
 
-    python -m bench.overhead [--repeats 5] [--quick]
+    python -m bench.overhead [--repeats 6] [--quick]
 """
 from __future__ import annotations
 
@@ -85,6 +86,8 @@ def _pairs(system: dict, name: str, data, repeats: int, plain: bool = True) -> l
         for i in range(repeats):
             local.seconds = 0.0
             t_local, h_local = _epoch(local, data)
+            if plain and i % 2:  # the two actor runs swap places every other repeat: no order bias
+                t_plain, _ = _epoch(_NoSubmit(client), data)
             busy0 = client.stats()["busy_s"]
             t_actor, h_actor = _epoch(client, data)
             busy = client.stats()["busy_s"] - busy0
@@ -95,7 +98,8 @@ def _pairs(system: dict, name: str, data, repeats: int, plain: bool = True) -> l
                     "test_accuracy_in_process": h_local["test_accuracy"],
                     "test_accuracy_actor": h_actor["test_accuracy"]}
             if plain:
-                t_plain, _ = _epoch(_NoSubmit(client), data)
+                if not i % 2:
+                    t_plain, _ = _epoch(_NoSubmit(client), data)
                 pair.update(actor_plain_s=round(t_plain, 4), ratio_plain=t_plain / t_local)
             pairs.append(pair)
             print(f"{system['kind']} {i}: in-process {t_local:.3f} s (device {local.seconds:.3f} s), actor "
@@ -212,7 +216,8 @@ def _summary(pairs: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="pairs of epochs (median of ratios)")
+    parser.add_argument("--repeats", type=int, default=6, help="rounds of epochs (median of ratios; even: "
+                        "each order of the two actor runs as often)")
     parser.add_argument("--quick", action="store_true", help="2 pairs, print only (no JSON)")
     args = parser.parse_args(argv)
     repeats = 2 if args.quick else args.repeats
