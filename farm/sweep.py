@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,16 +23,20 @@ from .errors import ConfigError
 from .device_facts import describe
 from .pool import device_metadata, devices_started
 from .journal import PLACEHOLDER
-from .mlflow_ops import MlflowWriter, is_outage, limit_http_retries
+from .mlflow_ops import MlflowWriter, limit_http_retries
 from .tracking import (PARENT_TAG, MLflowCallback, SweepTracker, check_reachable, log_device_facts,
                        resolve_tracking_uri)
 from .console import ConsoleCallback, SweepView
 from .runinfo import ended_by, pick, run_context, run_name
 from .trainable import run_trial
 from .trainspec import resolve_train
+from .sweep_state import MARKER, read_marker, write_marker  # noqa: F401 - MARKER: the folder's file, named here too
+from .sweep_state import child_runs as _child_runs, saved_trials as _saved_trials
+from .trainspec import expected_trials
 from .tuning import build_param_space, build_scheduler, build_search, uses_pbt
+from . import budget as budgets
+from .fidelity import PROMOTED, FidelityInfo, at_fidelity, fidelity_plan
 
-MARKER = "physfarm_sweep.json"
 
 
 @dataclass
@@ -143,24 +146,6 @@ def config_digest(cfg: FarmConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def read_marker(folder: Path) -> dict | None:
-    path = Path(folder) / MARKER
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_marker(folder: Path, **values) -> None:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    data = read_marker(folder) or {}
-    data.update(values, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    tmp = folder / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(folder / MARKER)
-
-
 def check_resumable(cfg: FarmConfig, uri: str, name: str, resume: bool) -> dict | None:
     """Before anything starts: a resume needs the earlier sweep, its store and the same config; a new
     sweep must not overwrite an interrupted one. Returns the marker when resuming."""
@@ -192,7 +177,8 @@ class TrialDescription:
         self.keys, self.devices = list(keys), list(devices)
 
     def __call__(self, trial) -> tuple[str, int | None]:
-        resolved = resolve_train(dict((trial.config or {}).get("train", {})), self.devices)
+        config = trial.config or {}
+        resolved = resolve_train(at_fidelity(dict(config.get("train", {})), config.get("fidelity")), self.devices)
         epochs = resolved.get("epochs")
         return run_name(resolved, self.keys, trial.trial_id), int(epochs) if isinstance(epochs, int) else None
 
@@ -225,6 +211,13 @@ class SweepPlan:
     status: SweepStatus = SweepStatus.PREPARED
     parent: str | None = None
     saved: dict = field(default_factory=dict)  # trial id -> trial, Tune's saved state after the run
+    expected: int | None = None  # trials in all, where not expected_trials(cfg) (multifidelity: screened + promoted)
+    budget: dict | None = None  # the device budget's last figures (budget_s, spent_s, remaining_s)
+
+    @property
+    def budget_spent(self) -> bool:
+        """The sweep ended because its device budget (sweep.device_budget_s) was spent."""
+        return self.budget is not None and self.budget["remaining_s"] <= 0
 
     @property
     def finished_before(self) -> bool:
@@ -288,17 +281,52 @@ def run(plan: SweepPlan, verbose: int = 0, show: bool = False, stream=None):
     try:
         _open_parent(plan)
         log_device_facts(plan.journal, plan.parent, plan.context.get("device_facts") or {})
-        tuner = _tuner(plan, verbose, show, stream)
+        _start_budget(plan)
         plan.status = SweepStatus.RUNNING
-        grid = tuner.fit()
-        plan.saved = _saved_trials(plan.folder)
-        plan.status = SweepStatus.INTERRUPTED if _stopped_early(plan, len(grid)) else SweepStatus.FINISHED
+        if fidelity_plan(plan.cfg) is not None:
+            from .fidelity_run import run_phases
+
+            grid = run_phases(plan, lambda **kw: _tuner(plan, verbose, show, stream, **kw))
+        else:
+            grid = _tuner(plan, verbose, show, stream).fit()
+            plan.saved = _saved_trials(plan.folder)
+        plan.budget = budgets.budget_figures(plan.name) if plan.cfg.sweep.device_budget_s else None
+        ended = plan.budget_spent or not _stopped_early(plan, len(grid))
+        plan.status = SweepStatus.FINISHED if ended else SweepStatus.INTERRUPTED
         return grid
     except BaseException:
         plan.status = SweepStatus.INTERRUPTED if plan.status is SweepStatus.RUNNING else SweepStatus.FAILED
         raise
     finally:
+        _end_budget(plan, stream)
         _record_unfinished(plan)
+
+
+def _start_budget(plan: SweepPlan) -> None:
+    """The sweep's device budget actor (sweep.device_budget_s); a resume goes on from what the
+    sweep's earlier runs spent (its marker)."""
+    total = plan.cfg.sweep.device_budget_s
+    if not total:
+        return
+    before = float((plan.marker or {}).get("device_s_spent", 0.0) or 0.0)
+    budgets.start_budget(plan.name, total, plan.devices, [f"{plan.name}/", f"{plan.name}.{PROMOTED}/"], before)
+
+
+def _end_budget(plan: SweepPlan, stream=None) -> None:
+    """Record what the sweep spent (marker: a resume's starting point; parent run), say it, stop the actor."""
+    if not plan.cfg.sweep.device_budget_s:
+        return
+    figures = budgets.budget_figures(plan.name) or plan.budget
+    budgets.stop_budget(plan.name)
+    if figures is None:
+        return
+    plan.budget = figures
+    write_marker(plan.folder, device_s_spent=figures["spent_s"], budget_spent=figures["remaining_s"] <= 0)
+    if plan.parent:
+        budgets.log_budget(plan.journal, plan.parent, figures, int(figures["spent_s"]))
+        plan.journal.call("set_tag", run=plan.parent, key="physfarm.budget_spent",
+                          value=str(figures["remaining_s"] <= 0).lower())
+    print(f"physfarm: sweep '{plan.name}': {budgets.budget_line(figures)}", file=stream or sys.stdout, flush=True)
 
 
 def collect(plan: SweepPlan, grid) -> SweepOutcome:
@@ -316,6 +344,8 @@ def collect(plan: SweepPlan, grid) -> SweepOutcome:
         recurring = ended_by(result.metrics)
         status = "ERROR" if result.error or recurring else \
             plan.saved[trial_id].status if outcome.interrupted and trial_id in plan.saved else "TERMINATED"
+        if plan.budget_spent and not result.metrics and status == "TERMINATED":
+            status = "STOPPED"  # never started: the device budget was spent first
         outcome.rows.append(TrialRow(
             trial_id=trial_id,
             config={k: pick(resolved, k) for k in plan.keys},
@@ -376,37 +406,50 @@ def _open_parent(plan: SweepPlan) -> None:
                  status=SweepStatus.RUNNING.value)
 
 
-def _tuner(plan: SweepPlan, verbose: int, show: bool, stream):
+def _tuner(plan: SweepPlan, verbose: int, show: bool, stream, *, folder: Path | None = None, restore: bool | None = None,
+           param_space: dict | None = None, scheduler=None, num_samples: int | None = None,
+           search=None, fidelity: FidelityInfo | None = None, title: str | None = None):
     """The Tune run: restored from the sweep folder on a resume (its callbacks come back from Tune's
-    state and find the sweep's writer by its folder), else new, with the MLflow callback and, when
-    shown, the console."""
-    cfg, storage = plan.cfg, str(plan.folder.parent)
+    state and find the sweep's writer by its folder), else new, with the MLflow callback, the device
+    budget's stopper and callback when the sweep has one, and, when shown, the console.
+
+    The multifidelity strategy (farm.fidelity_run) runs two: the keywords give the second one's
+    folder, search space, scheduler and what its MLflow runs say of their fidelities."""
+    cfg = plan.cfg
+    folder = folder or plan.folder
+    budgeted = bool(cfg.sweep.device_budget_s)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=cfg.data.model_dump(mode="json"), devices=plan.devices,
-                             pbt=uses_pbt(cfg), user=plan.context["user"], metric=cfg.sweep.metric),
+                             pbt=uses_pbt(cfg), user=plan.context["user"], metric=cfg.sweep.metric,
+                             budget=plan.name if budgeted else None),
         {"cpu": cfg.sweep.trial_cpus},
     )
-    if plan.marker is not None:
-        return tune.Tuner.restore(str(plan.folder), trainable, resume_unfinished=True,
+    if restore if restore is not None else plan.marker is not None:
+        return tune.Tuner.restore(str(folder), trainable, resume_unfinished=True,
                                   resume_errored=plan.resume_errored)
     sched = cfg.sweep.scheduler
     watch = [k for k in _leaf_paths(sched.hyperparam_mutations or {})] if uses_pbt(cfg) else []
     callbacks = [MLflowCallback(plan.journal, plan.tracker.experiment_id, plan.parent, plan.name, plan.devices,
-                                watch, plan.context)]
+                                watch, plan.context, fidelity=fidelity)]
+    view = SweepView(title or f"sweep '{plan.name}'")
     if show:
-        callbacks.append(ConsoleCallback(SweepView(f"sweep '{plan.name}'"), plan.devices,
-                                         TrialDescription(plan.keys, plan.devices),
+        callbacks.append(ConsoleCallback(view, plan.devices, TrialDescription(plan.keys, plan.devices),
                                          writer=plan.journal, parent_run=plan.parent, stream=stream))
+    if budgeted:
+        callbacks.append(budgets.BudgetCallback(plan.name, plan.journal, plan.parent, view if show else None))
     return tune.Tuner(
         trainable,
-        param_space=build_param_space(cfg),
+        param_space=param_space if param_space is not None else build_param_space(cfg),
         tune_config=tune.TuneConfig(
-            metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=cfg.sweep.num_samples,
-            max_concurrent_trials=cfg.sweep.max_concurrent_trials, search_alg=build_search(cfg),
-            scheduler=build_scheduler(cfg), reuse_actors=True,
+            metric=cfg.sweep.metric, mode=cfg.sweep.mode,
+            num_samples=num_samples if num_samples is not None else cfg.sweep.num_samples,
+            max_concurrent_trials=cfg.sweep.max_concurrent_trials,
+            search_alg=build_search(cfg) if param_space is None else search,
+            scheduler=scheduler if param_space is not None else build_scheduler(cfg), reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name=plan.name, storage_path=storage, callbacks=callbacks, verbose=verbose,
+            name=folder.name, storage_path=str(folder.parent), callbacks=callbacks, verbose=verbose,
+            stop=budgets.BudgetStopper(plan.name) if budgeted else None,
             # A trial whose worker fails or dies is retried from its last checkpoint.
             failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
             # PBT clones other trials' checkpoints: keep them all (Tune warns about <= 2).
@@ -456,60 +499,15 @@ def _end_journal(journal, name: str, wait_s: float, folder: Path) -> int:
     return journal.pending
 
 
-def _child_runs(tracker, journal) -> dict:
-    """{trial id: child run id}; while the store is down, the runs this process knows (placeholders
-    for runs created during the outage: a kept write naming one gets its real id on replay)."""
-    known = {tid: journal.resolve(run) for tid, run in journal.trial_runs.items()}
-    if journal.pending:
-        return known
-    try:
-        return {**known, **{r.data.tags.get("physfarm.trial_id"): r.info.run_id for r in tracker.children()}}
-    except Exception as err:  # noqa: BLE001
-        if not is_outage(err):
-            raise
-        return known
-
-
-def expected_trials(cfg: FarmConfig) -> int:
-    """How many trials the sweep runs in all (grid points times samples; Optuna: num_samples)."""
-    import math
-
-    from .space import is_sampler, samplers
-    from .trainspec import for_method, methods_of
-
-    n = cfg.sweep.num_samples
-    if cfg.sweep.search != "default":
-        return n
-
-    def grid_points(section: dict) -> int:
-        return math.prod(len(args) for form, args in samplers(section, "train").values() if form == "grid")
-
-    value = cfg.train.get("method")
-    if is_sampler(value) and "grid" in value:
-        return n * sum(grid_points(for_method(cfg.train, m)) for m in methods_of(cfg.train))
-    return n * grid_points(cfg.train)
-
-
 def _stopped_early(plan: SweepPlan, seen: int) -> bool:
     """Did Tune stop before every trial ended (Ctrl-C, SIGTERM)? Tune's last saved experiment state
     tells (its live trial objects are cleaned up by now); trials never created count too."""
-    expected = expected_trials(plan.cfg)
+    expected = plan.expected if plan.expected is not None else expected_trials(plan.cfg)
     if seen < expected:
         return True
     if not plan.saved:  # no readable state: take it that it ended
         return False
     return len(plan.saved) < expected or any(t.status not in ("TERMINATED", "ERROR") for t in plan.saved.values())
-
-
-def _saved_trials(folder: Path) -> dict:
-    """{trial id: trial} from Tune's last saved experiment state (public ExperimentAnalysis): each
-    trial's status (PENDING/RUNNING/PAUSED: unfinished) and result folder; {} when none is readable."""
-    from ray.tune import ExperimentAnalysis
-
-    try:
-        return {t.trial_id: t for t in ExperimentAnalysis(str(folder)).trials}
-    except Exception:  # noqa: BLE001 - no readable state
-        return {}
 
 
 def _leaf_paths(node: dict, prefix: str = "") -> list[str]:

@@ -27,6 +27,7 @@ from mlflow.entities import RunStatus
 from ray import tune
 
 from .device_facts import fact_tags
+from .fidelity import fidelity_tags
 from .errors import ConfigError
 from .journal import PLACEHOLDER
 from .mlflow_ops import MlflowWriter, is_outage, sqlite_path  # noqa: F401 - sqlite_path: read here by report
@@ -286,8 +287,10 @@ class MLflowCallback(tune.Callback):
     """
 
     def __init__(self, writer: MlflowWriter, experiment_id: str, parent_run_id: str, sweep_name: str,
-                 devices: list[str] | None = None, watch: list[str] | None = None, context: dict | None = None):
+                 devices: list[str] | None = None, watch: list[str] | None = None, context: dict | None = None,
+                 fidelity=None):
         self.uri = writer.uri
+        self.fidelity = fidelity  # farm.fidelity.FidelityInfo: the multifidelity strategy's runs say their fidelities
         self.journal_dir = str(writer.folder)  # where a callback no one hands a writer opens its own
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -316,7 +319,7 @@ class MLflowCallback(tune.Callback):
         return state
 
     def __setstate__(self, state):  # a sweep started by an older version may lack newer fields
-        self.__dict__.update({"devices": [], "watch": [], "context": {}, "_writer": None, "_runs": {},
+        self.__dict__.update({"devices": [], "watch": [], "context": {}, "_writer": None, "_runs": {}, "fidelity": None,
                               "journal_dir": None,
                               "_done": set(), "_restarts": {}})
         self.__dict__.update({k: v for k, v in state.items() if k not in ("_client", "_mem")})  # older fields
@@ -356,9 +359,10 @@ class MLflowCallback(tune.Callback):
         return self._runs[tid]
 
     def _resolved(self, trial) -> dict:
+        from .fidelity import at_fidelity
         from .trainspec import resolve_train, resolved_config
 
-        train = dict(trial.config.get("train", {}))
+        train = at_fidelity(dict(trial.config.get("train", {})), trial.config.get("fidelity"))
         try:
             return resolved_config(train, self.devices)
         except Exception:  # noqa: BLE001 - the trial reports the error itself
@@ -397,8 +401,9 @@ class MLflowCallback(tune.Callback):
             value = pick(trial.config.get("train", {}), path)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 watched[f"hp.{path}"] = float(value)
+        tags = [[k, v] for k, v in fidelity_tags(self.fidelity, dict(trial.config.get("train", {})), result).items()]
         self.writer.call("log_batch", run=run_id, metrics=epoch_rows(result, step, watched),
-                         params=constant_params(result))
+                         params=constant_params(result), **({"tags": tags} if tags else {}))
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         """The trial's worker failed or died and Tune retries it from its last checkpoint (max_failures):

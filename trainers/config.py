@@ -189,6 +189,10 @@ class PATConfig(TrainerConfig):
                          "rescaling) between the physical layers: a hybrid physical-digital network")
     twin: TwinConfig = Field(default_factory=TwinConfig,
                              description="the digital twin for the backward pass (a kind name or a mapping)")
+    init_from: str | None = Field(
+        default=None, description="warm start: a checkpoint folder (holding state.pt) or a state.pt file of "
+        "the same network, e.g. an in-silico training's; training starts from its weights selected by "
+        "validation (readout choice and rescalings included), with a fresh optimizer and epoch count")
 
     @model_validator(mode="after")
     def _window(self) -> "PATConfig":

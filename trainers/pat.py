@@ -170,7 +170,18 @@ def _train(config: PATConfig, device, data: Dataset, report: Report | None, stat
     twin_fit_calls = run.obtain_twins()  # twin measurements before the first epoch
     model = run.build(config, data.shape, gen)
     setup = (run.calls(), run.rows())  # the calibration's calls count in the first epoch's device_calls
-    if state is None:
+    warm = load_init(config.init_from) if state is None and config.init_from else None
+    if warm is not None:
+        # Warm start: the other training's selected weights, its readout choice (a buffer) and
+        # rescalings included; no calibration batch is measured (it would overwrite them).
+        try:
+            model.load_state_dict(selected_weights(warm))
+        except RuntimeError as err:
+            raise ValueError(f"init_from: {config.init_from} holds another network's weights ({err}); "
+                             f"warm-start from a training with the same layers and data") from None
+        last = (warm.get("history") or [{}])[-1]
+        readout_facts = {k: last[k] for k in ("readout_outputs", "dead_outputs") if k in last}
+    elif state is None:
         # One calibration batch, measured where the network will train: which outputs are read (and
         # which never vary: a dead channel is never read silently), then the rescalings if asked.
         mode.prepare(run)
@@ -289,6 +300,17 @@ def train_insilico(config: InSilicoConfig, device, data: Dataset, report: Report
     `train_accuracy` is on the twin. The device is used only to obtain the twin (if fitted), to
     validate and for the final test pass."""
     return _train(config, device, data, report, state, twin, OnTwin())
+
+
+def load_init(path: str) -> dict:
+    """The state a warm start begins from: `path` is a checkpoint folder holding state.pt, or the file."""
+    from pathlib import Path
+
+    file = Path(path) / "state.pt" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise ValueError(f"init_from: {path} is neither a checkpoint folder with state.pt nor a state file; "
+                         f"give the folder of the training to warm-start from")
+    return torch.load(file, weights_only=False)
 
 
 # ---- the trainer contract (trainers.registry) --------------------------------------------------------
