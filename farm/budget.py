@@ -34,34 +34,39 @@ def budget_actor_name(sweep: str) -> str:
     return f"physfarm-budget:{sweep}"
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
+def sweep_usage(clients: dict, prefixes: tuple[str, ...]) -> dict[str, float]:
+    """{device/client: device seconds} of the sweep's clients, as the devices count them now.
+    clients: {device name: connected DeviceClient}."""
+    out: dict[str, float] = {}
+    for name, client in clients.items():
+        for cid, usage in client.stats()["clients"].items():
+            if cid.startswith(prefixes):
+                out[f"{name}/{cid}"] = float(usage.get("device_s", 0.0))
+    return out
+
+
+def _connect(devices: list[str]) -> dict:
+    from .client import DeviceClient
+
+    return {name: DeviceClient(name, client_id="physfarm-budget").connect() for name in devices}
+
+
+@ray.remote(num_cpus=0, max_restarts=3)
 class DeviceBudget:
     """spent (s) = spent_before + sum over devices and the sweep's clients of the device seconds they
-    used since this actor started (a standing pool's earlier counts are its baseline, not spent)."""
+    used since the sweep started: `baseline` is what the devices had counted for them then (a
+    standing pool's earlier counts; given, so an actor restart keeps it)."""
 
-    def __init__(self, budget_s: float, devices: list[str], prefixes: list[str], spent_before: float = 0.0):
+    def __init__(self, budget_s: float, devices: list[str], prefixes: list[str], spent_before: float,
+                 baseline: dict[str, float]):
         self.budget_s = float(budget_s)
-        self.devices = list(devices)
         self.prefixes = tuple(prefixes)
         self.spent_before = float(spent_before)
-        self._clients: dict = {}
-        self._baseline = self._used()
-
-    def _client(self, name: str):
-        from .client import DeviceClient
-
-        if name not in self._clients:
-            self._clients[name] = DeviceClient(name, client_id="physfarm-budget").connect()
-        return self._clients[name]
+        self._clients = _connect(devices)
+        self._baseline = dict(baseline)
 
     def _used(self) -> dict[str, float]:
-        """{device/client: device seconds} of the sweep's clients, as the devices count them now."""
-        out: dict[str, float] = {}
-        for name in self.devices:
-            for cid, usage in self._client(name).stats()["clients"].items():
-                if cid.startswith(self.prefixes):
-                    out[f"{name}/{cid}"] = float(usage.get("device_s", 0.0))
-        return out
+        return sweep_usage(self._clients, self.prefixes)
 
     def spent(self) -> float:
         now = self._used()
@@ -85,8 +90,9 @@ def start_budget(sweep: str, budget_s: float, devices: list[str], prefixes: list
         ray.kill(ray.get_actor(name, namespace=NAMESPACE))
     except ValueError:  # none running
         pass
-    actor = DeviceBudget.options(name=name, namespace=NAMESPACE, lifetime="detached").remote(
-        budget_s, devices, prefixes, spent_before)
+    baseline = sweep_usage(_connect(devices), tuple(prefixes))
+    actor = DeviceBudget.options(name=name, namespace=NAMESPACE).remote(  # lives as long as this driver
+        budget_s, devices, prefixes, spent_before, baseline)
     ray.get(actor.remaining.remote())  # it started and sees the devices
     return actor
 

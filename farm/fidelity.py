@@ -2,8 +2,9 @@
 early-stop those on device seconds (`sweep.scheduler: {kind: multifidelity, ...}`).
 
 Fidelities of one configuration:
-  0  in-silico training on the twin (`insilico`: the device only measures its validation passes,
-     forward passes, and any twin data collection); `screen_epochs` epochs, no test pass;
+  0  in-silico training on the twin (`insilico` with `device_val: selected`: epochs selected on
+     the twin's validation; the device measures the validation split once, on the selected weights,
+     and any twin data collection); `screen_epochs` epochs, no test pass;
   1  PAT on the device warm-started from its fidelity-0 weights (`train.init_from`), until
      `grace_period` device seconds (about `fidelity1_epochs` epochs);
   2  full PAT: the promoted trials ASHA keeps past its first rung (time_attr device_s_total).
@@ -106,7 +107,9 @@ def at_fidelity(train: dict, fidelity: dict | None) -> dict:
     twin), `screen_epochs` epochs, the test split left closed."""
     if not fidelity or int(fidelity.get("stage", -1)) != 0:
         return train
-    out = dict(train, method="insilico", final_test=False)
+    # one device pass per configuration: epochs selected on the twin, the selected weights validated
+    # on the device once, after the last
+    out = dict(train, method="insilico", final_test=False, device_val="selected")
     if fidelity.get("epochs"):
         out["epochs"] = int(fidelity["epochs"])
     return out

@@ -121,6 +121,16 @@ def test_warm_start_begins_at_the_in_silico_accuracy_not_at_chance(digits, tmp_p
     cold = train_pat(PATConfig(**still), device, digits)
     assert warm.history[0]["val_accuracy"] == pytest.approx(start, abs=0.05)  # device noise only
     assert cold.history[0]["val_accuracy"] < 0.3
+    # the screen's in-silico training measures the validation split on the device once, at its end
+    calls = []
+    screen = train_insilico(InSilicoConfig(epochs=3, batch_size=32, lr=0.05, encoder=DOWN, final_test=False,
+                                           device_val="selected"), device, digits,
+                            report=lambda m, s: calls.append(m["device_calls"]))
+    assert calls[:2] == [0, 0] and calls[2] == -(-len(digits.y_val) // 256)
+    assert [h["val_accuracy"] != h["val_accuracy"] for h in screen.history] == [True, True, False]
+    last = screen.history[-1]  # the device's figure is that of the weights the twin selected
+    assert last["best_val_accuracy"] == last["val_accuracy"] and 1 <= last["best_epoch"] <= 3
+    assert last["best_val_accuracy_twin"] == max(h["val_accuracy_twin"] for h in screen.history)
     with pytest.raises(ValueError, match="init_from"):
         train_pat(PATConfig(**still, init_from=str(tmp_path / "nowhere")), device, digits)
 

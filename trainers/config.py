@@ -230,6 +230,11 @@ class InSilicoConfig(PATConfig):
     evaluated on the device; the gap to PAT is the simulation-reality gap."""
 
     method: Literal["insilico"] = "insilico"  # type: ignore[assignment]
+    device_val: Literal["every_epoch", "selected"] = Field(
+        default="every_epoch", description="every_epoch: the validation split is measured on the device each "
+        "epoch and selects the checkpoint; selected: epochs are selected on the twin's validation accuracy and "
+        "the device measures the validation split once, on the selected weights, after the last epoch (one "
+        "device pass in all: the multifidelity sweep's screen)")
 
 
 class DigitalConfig(TrainerConfig):

@@ -156,9 +156,9 @@ class OnTwin:
 
     def end_epoch(self, run: PNNRun, epoch: int, data: Dataset, config: PATConfig) -> dict:
         run.model.eval()
-        twin_acc = evaluate(run.model, data.x_val, data.y_val, config.eval_batch_size)[0]
+        twin_acc, twin_loss = evaluate(run.model, data.x_val, data.y_val, config.eval_batch_size)
         run.on_device()
-        return {"val_accuracy_twin": twin_acc}
+        return {"val_accuracy_twin": twin_acc, "val_loss_twin": twin_loss}
 
 
 def _train(config: PATConfig, device, data: Dataset, report: Report | None, state: dict | None,
@@ -223,8 +223,12 @@ def _train(config: PATConfig, device, data: Dataset, report: Report | None, stat
             correct += int((logits.argmax(1) == yb).sum())
         extra = mode.end_epoch(run, epoch, data, config)
         model.eval()
-        val_acc, val_loss = evaluate(model, data.x_val, data.y_val, config.eval_batch_size)  # on the device
-        selection.offer(epoch, val_acc, val_loss, model.state_dict())
+        if getattr(config, "device_val", "every_epoch") == "selected":
+            val_acc, val_loss, chosen = _select_on_twin(model, selection, epoch, extra, data, config)
+        else:
+            val_acc, val_loss = evaluate(model, data.x_val, data.y_val, config.eval_batch_size)  # on the device
+            selection.offer(epoch, val_acc, val_loss, model.state_dict())
+            chosen = selection.metrics()
         metrics = {
             "epoch": epoch,
             "loss": total_loss / n,
@@ -232,7 +236,7 @@ def _train(config: PATConfig, device, data: Dataset, report: Report | None, stat
             "train_accuracy": correct / n,
             "val_accuracy": val_acc,  # on the device
             "val_loss": val_loss,
-            **selection.metrics(),
+            **chosen,
             "epoch_s": time.monotonic() - t0,
             "device_calls": run.calls() - calls0,
             "device_rows": run.rows() - rows0,
@@ -273,6 +277,23 @@ def _train(config: PATConfig, device, data: Dataset, report: Report | None, stat
         if report is not None:
             report(dict(history[-1]), state)
     return result_of(history, selection, state, model)
+
+
+def _select_on_twin(model: PNN, selection: Selection, epoch: int, extra: dict, data: Dataset,
+                    config: PATConfig) -> tuple[float, float, dict]:
+    """In-silico `device_val: selected`: the epoch is offered to the selection with its validation on
+    the twin; only after the last epoch are the selected weights measured on the device, once. Returns
+    (val_accuracy, val_loss on the device: NaN before the last epoch, the selection's metrics, whose
+    best_val_accuracy is the device's figure once measured)."""
+    selection.offer(epoch, extra["val_accuracy_twin"], extra["val_loss_twin"], model.state_dict())
+    chosen = {f"{k}_twin" if k == "best_val_accuracy" else k: v for k, v in selection.metrics().items()}
+    if epoch < config.epochs:
+        return float("nan"), float("nan"), chosen
+    now = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(selection.state()["weights"])
+    val_acc, val_loss = evaluate(model, data.x_val, data.y_val, config.eval_batch_size)  # on the device
+    model.load_state_dict(now)
+    return val_acc, val_loss, {**chosen, "best_val_accuracy": val_acc, "best_val_loss": val_loss}
 
 
 def train_pat(config: PATConfig, device, data: Dataset, report: Report | None = None,
