@@ -175,6 +175,17 @@ def choose_default(results: dict) -> dict:
     return {"tried": rows, "chosen": {"promote": best["promote"], "keep": best["keep"]}}
 
 
+def verdict(summary: dict) -> dict:
+    """Per figure and system: the ratio, whether S's test accuracy came within 1 point of A's, and so
+    whether that system meets the target (a system whose accuracy never came within 1 point has no
+    "device seconds until within 1 point": missed whatever its ratio)."""
+    out = {}
+    for fid, ref, limit in (("M1", "m1", 0.30), ("M2", "m2", 0.60)):
+        out[fid] = {name: {"ratio": round(v[ref], 4), "test_within_1_point_of_A": v["test_gap_to_A"] <= 0.01,
+                           "met": v["test_gap_to_A"] <= 0.01 and v[ref] <= limit} for name, v in summary.items()}
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=sorted(SYSTEMS), default=sorted(SYSTEMS, reverse=True))
@@ -207,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
 
     within = all(v["test_gap_to_A"] <= 0.01 for v in summary.values())
     details = {"systems": results, "per_system": summary, "defaults_choice": choice, "strategy_setting": key,
+               "verdict": verdict(summary),
                "epochs": EPOCHS, "seeds": {"data_split": SEED, "device": SEED, "trainer": SEED, "sweep": SEED},
                "wall_s": round(time.monotonic() - t0, 1), "space": "lr x theta_init_scale x n_layers x twin kind = 16",
                "measure": "device seconds to the end of each sweep (audit log), selection on validation, "

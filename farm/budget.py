@@ -82,6 +82,9 @@ class DeviceBudget:
         return {"budget_s": self.budget_s, "spent_s": spent, "remaining_s": self.budget_s - spent}
 
 
+_HELD: dict = {}  # budget actor name -> its handle, held by the sweep's driver
+
+
 def start_budget(sweep: str, budget_s: float, devices: list[str], prefixes: list[str],
                  spent_before: float = 0.0):
     """The sweep's budget actor (a fresh one: an earlier one of the same sweep is replaced)."""
@@ -91,13 +94,15 @@ def start_budget(sweep: str, budget_s: float, devices: list[str], prefixes: list
     except ValueError:  # none running
         pass
     baseline = sweep_usage(_connect(devices), tuple(prefixes))
-    actor = DeviceBudget.options(name=name, namespace=NAMESPACE).remote(  # lives as long as this driver
+    actor = DeviceBudget.options(name=name, namespace=NAMESPACE).remote(
         budget_s, devices, prefixes, spent_before, baseline)
     ray.get(actor.remaining.remote())  # it started and sees the devices
+    _HELD[name] = actor  # an actor lives while its creator holds a handle: until stop_budget (or this driver ends)
     return actor
 
 
 def stop_budget(sweep: str) -> None:
+    _HELD.pop(budget_actor_name(sweep), None)
     try:
         ray.kill(ray.get_actor(budget_actor_name(sweep), namespace=NAMESPACE))
     except ValueError:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 # Defaults of the strategy, chosen by bench/fidelity.py (bench/results/M1.json, details.defaults_choice:
 # among the settings tried, the one with the fewest device seconds whose selected configuration's
 # validation accuracy was within 1 point of the full grid's, on plate and shg).
-FIDELITY_DEFAULTS = {"promote": 4, "keep": 1, "fidelity1_epochs": 1.0}
+FIDELITY_DEFAULTS = {"promote": 2, "keep": 1, "fidelity1_epochs": 1.0}
 PROMOTED = "promoted"  # the second Tune run's experiment name is <sweep>.promoted
 TWIN_METHODS = ("pat",)  # methods a configuration can be promoted in (trained in silico at fidelity 0)
 
