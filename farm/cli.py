@@ -59,6 +59,14 @@ def _report_check(cfg, uri: str) -> int:
     sampled = ", ".join(cfg.sampled_paths()) or "none"
     print(f"ok: {n} trial{'s' if n != 1 else ''} in sweep '{sweep_name(cfg)}' on device"
           f"{'s' if len(cfg.devices) != 1 else ''} {devices}; sampled: {sampled}; tracking: {uri}")
+    from .fidelity import fidelity_plan
+
+    plan = fidelity_plan(cfg)
+    if plan is not None:
+        print(f"multifidelity: {plan.screen or n} screened in silico (fidelity 0), the {plan.promote} best by "
+              f"device validation promoted to PAT, ASHA keeping about {plan.keep} to the end")
+    if cfg.sweep.device_budget_s:
+        print(f"device budget: {cfg.sweep.device_budget_s:g} device seconds for the whole sweep")
     for dev in cfg.devices:
         for note in dev._notes:
             print(f"note: device '{dev.name}': {note}")

@@ -171,6 +171,16 @@ def test_budget_stops_the_sweep_within_one_call_per_running_trial(ray_session, t
     assert parent.info.status == "FINISHED" and read_marker(Path(outcome.path))["status"] == "finished"
 
 
+def test_console_shows_the_remaining_budget():
+    from farm.budget import budget_line
+    from farm.console import SweepView
+
+    view = SweepView("sweep 'x'")
+    assert not any("budget" in line for line in view.lines())
+    view.budget = budget_line({"budget_s": 60.0, "spent_s": 61.5, "remaining_s": -1.5})
+    assert view.lines()[1] == "  device budget: 0.0 s left of 60.0 s (61.5 s spent)"  # never a negative left
+
+
 # ---- checks before Ray -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("sweep, train, needle", [
     ({"device_budget_s": 0}, {}, "sweep.device_budget_s: a budget of 0"),
