@@ -31,14 +31,17 @@ def run_phases(plan, make_tuner) -> list:
     screened = list(first.fit())
     plan.saved = saved_trials(plan.folder)
     n_screened = fp.screen or expected_trials(cfg)
-    plan.expected = n_screened + fp.promote
     rows = [(_trial_id(r), dict(r.metrics or {}), r) for r in screened]
+    # screened and usable: ended with a checkpoint (a trial that failed, or met a recurring error, is not)
     done = [(tid, m, r) for tid, m, r in rows if not r.error and m.get("epoch") is not None and r.checkpoint]
+    plan.expected = n_screened + min(fp.promote, len(done))
     figures = _budget(plan)
-    if len(done) < n_screened and (figures is None or figures["remaining_s"] > 0):
-        return screened  # interrupted (or trials failed): a resume finishes the screen first
     if figures is not None and figures["remaining_s"] <= 0:
         return screened  # the budget ended with the screen: nothing is promoted
+    unfinished = len(screened) < n_screened or any(
+        t.status not in ("TERMINATED", "ERROR") for t in plan.saved.values())
+    if unfinished or not done:
+        return screened  # interrupted: a resume finishes the screen first
     # ---- promotion: the best by their selected validation accuracy on the device
     chosen = promote([(tid, m) for tid, m, _ in done], fp.promote, sweep.metric, sweep.mode)
     by_id = {tid: (m, r) for tid, m, r in done}

@@ -105,6 +105,21 @@ def test_multifidelity_sweep_promotes_the_best_screened_and_tags_every_run(ray_s
     assert len(outcome.rows) == 6 and all(r.status == "TERMINATED" for r in outcome.rows)
 
 
+def test_a_failed_screened_trial_does_not_hold_up_promotion(ray_session, tmp_path, store):
+    """One configuration's device fails every call: its screen ends in ERROR, the other is promoted,
+    and the sweep finishes (not 'interrupted')."""
+    broken = {"name": "broken", "system": {"kind": "oscillators", "n": 16, "fault_rate": 1.0}}
+    raw = _raw(tmp_path, "mffail", {"device": {"grid": ["osc", "broken"]}, "epochs": 1},
+               {"scheduler": {"kind": "multifidelity", "promote": 1, "keep": 1}, "max_failures": 0},
+               devices=(OSC, broken))
+    outcome = run_sweep(parse_config(raw), tracking_uri=store)
+    status = sorted((r.config["device"], r.status) for r in outcome.rows)
+    assert status == [("broken", "ERROR"), ("osc", "TERMINATED"), ("osc", "TERMINATED")], status
+    assert not outcome.interrupted and read_marker(Path(outcome.path))["status"] == "finished"
+    promoted = [r for r in _children(store, outcome) if "physfarm.warm_start.run_id" in r.data.tags]
+    assert len(promoted) == 1 and promoted[0].data.params["train.device"] == "osc"
+
+
 # ---- warm start ------------------------------------------------------------------------------------------
 def test_warm_start_begins_at_the_in_silico_accuracy_not_at_chance(digits, tmp_path):
     """PAT with a learning rate too small to move anything in one epoch: warm-started, its first
