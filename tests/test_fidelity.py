@@ -265,7 +265,7 @@ def test_resumed_multifidelity_sweep_keeps_its_fidelity_history(tmp_path, monkey
     # replayed from its audit log: it is what the log charged the sweep in both runs (up to the calls
     # in flight when the first run was stopped)
     charged = sum(r["device_s"] for r in _audit("osc", "mfres")) + sum(r["device_s"] for r in _audit("osc", "mfres.promoted"))
-    assert spent_before < after["device_s_spent"] <= charged + 1e-6
+    assert spent_before < after["device_s_spent"] <= charged + 1e-3  # the log rounds each record to 1 us
     assert after["device_s_spent"] == pytest.approx(charged, abs=0.05)
     client = MlflowClient(uri)
     runs = client.search_runs([outcome.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{outcome.parent_run_id}'")
