@@ -80,9 +80,15 @@ def quiet_libraries() -> None:
 def cmd_sweep(args) -> int:
     from .config import load_config
 
+    from .phases import mark
+
+    mark("cli")
     cfg = load_config(args.config)  # validates everything before Ray or MLflow start
+    mark("config_loaded")
     from .sweep import check_resumable, check_trial_cpus, run_sweep, sweep_name
     from .tracking import check_reachable, resolve_tracking_uri
+
+    mark("imports")
 
     uri = resolve_tracking_uri(args.tracking_uri, cfg.tracking.uri)  # a refused URI is a config error too
     check_trial_cpus(cfg, args.address)
@@ -95,14 +101,16 @@ def cmd_sweep(args) -> int:
     check_resumable(cfg, uri, sweep_name(cfg), args.resume or args.resume_errored)
     if not args.verbose:
         quiet_libraries()
-    from .sweep import init_ray
 
-    address = init_ray(args.address, lan=args.lan)
-    _forward_sigterm()  # after ray.init, which installs its own SIGTERM handler
-    print(ray_banner(address, joined=bool(args.address), lan=args.lan), flush=True)
+    def ray_ready(address: str) -> None:
+        mark("ray_ready")
+        _forward_sigterm()  # after ray.init, which installs its own SIGTERM handler
+        print(ray_banner(address, joined=bool(args.address), lan=args.lan), flush=True)
+
     outcome = run_sweep(cfg, address=args.address, tracking_uri=args.tracking_uri,
                         verbose=1 if args.verbose else 0, resume=args.resume or args.resume_errored,
-                        resume_errored=args.resume_errored, show=not args.quiet)
+                        resume_errored=args.resume_errored, show=not args.quiet, lan=args.lan,
+                        on_ray=ray_ready)
     devices = sorted({str(r.config.get("device")) for r in outcome.rows if r.config.get("device")})
     where = f"on device '{cfg.train.get('device', '?')}'" if not devices else \
         "on each trial's device" if len(devices) > 1 else f"on device '{devices[0]}'"
@@ -128,6 +136,7 @@ def cmd_sweep(args) -> int:
               f"physfarm sweep {args.config} --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     failed = [r for r in outcome.rows if r.status != "TERMINATED"]
+    mark("printed")
     return 1 if failed and len(failed) == len(outcome.rows) else 0
 
 
@@ -205,5 +214,30 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def entry() -> None:
+    """The `physfarm` command: `main`, then a quick exit. Once the command is done (threads joined,
+    Ray shut down and every atexit handler run, MLflow's among them, the output flushed), the
+    interpreter's own teardown is skipped: with torch, Ray and MLflow loaded it takes 2-5 s on a small
+    machine and does nothing a finished command needs."""
+    code = main()
+    import atexit
+    import os
+    import threading
+
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if run_exit_handlers is None:  # not CPython: the ordinary exit
+        sys.exit(code)
+    for thread in threading.enumerate():  # what the interpreter would wait for before exiting
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    run_exit_handlers()  # Ray's shutdown, MLflow's flushes, temporary folders' removal
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -17,7 +17,6 @@ from pathlib import Path
 import ray
 
 
-from actors.device_actor import DeviceActor
 from actors.errors import DeviceError
 
 from .config import DeviceConfig, DeviceList, check_systems, read_yaml, validated
@@ -105,6 +104,8 @@ def start_device(dev: DeviceConfig, detached: bool = False, timeout_s: float = 1
     """
     _check_placeable(dev)
     handles, created = [], []
+    from actors.device_actor import DeviceActor  # torch: only where a device is started
+
     cls = ray.remote(DeviceActor)
     policy = {"retries": dev.retries, "backoff_s": dev.retry_backoff_s, "timeout_s": dev.call_timeout_s,
               "restart_wait_s": dev.restart_wait_s}

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +21,10 @@ import ray
 from ray import tune
 
 from .config import FarmConfig
+from .data import load_arrays
 from .errors import ConfigError
 from .device_facts import describe
+from .phases import mark
 from .pool import device_metadata, devices_started
 from .journal import PLACEHOLDER
 from .mlflow_ops import MlflowWriter, is_outage, limit_http_retries
@@ -222,6 +225,7 @@ class SweepPlan:
     devices: list[str]
     keys: list[str]  # what varies between trials (leaderboard columns, run names)
     resume_errored: bool = False
+    arrays: dict | None = None  # the data set, loaded once here for every trial (farm.data.load_arrays)
     status: SweepStatus = SweepStatus.PREPARED
     parent: str | None = None
     saved: dict = field(default_factory=dict)  # trial id -> trial, Tune's saved state after the run
@@ -235,41 +239,67 @@ class SweepPlan:
 def run_sweep(cfg: FarmConfig, address: str | None = None, tracking_uri: str | None = None,
               name: str | None = None, verbose: int = 0, resume: bool = False,
               resume_errored: bool = False, flush_wait_s: float | None = None,
-              show: bool = False, stream=None) -> SweepOutcome:
+              show: bool = False, stream=None, lan: bool = False, on_ray=None) -> SweepOutcome:
     """Run a sweep in its phases: prepare, devices started, run, collect, finish.
+
+    Ray: joined at `address`, else started for this sweep (`lan`: on the network address, else on
+    127.0.0.1 only); `on_ray(address)` is called once it is up (the CLI prints the attach command).
 
     verbose: Tune's own tables (1) or none (0); show: physfarm's live view of the trials and devices
     on `stream` (stdout; redrawn in place on a terminal, periodic lines otherwise).
     flush_wait_s (default: tracking.flush_wait_s): how long the end of the sweep waits for a tracking
     store that is down to answer again before it leaves the kept MLflow writes in the journal
     (replayed by `physfarm report` or `--resume`)."""
-    plan = prepare(cfg, address, tracking_uri, name, resume, resume_errored)
+    plan = prepare(cfg, address, tracking_uri, name, resume, resume_errored, lan=lan, on_ray=on_ray)
+    mark("prepared")
     with devices_started(cfg.devices):
+        mark("devices_started")
         note_devices(plan, stream)
         grid = run(plan, verbose=verbose, show=show, stream=stream)
+        mark("tune_done")
     outcome = collect(plan, grid)
-    return finish(plan, outcome, cfg.tracking.flush_wait_s if flush_wait_s is None else flush_wait_s)
+    mark("collected")
+    outcome = finish(plan, outcome, cfg.tracking.flush_wait_s if flush_wait_s is None else flush_wait_s)
+    mark("finished")
+    return outcome
 
 
 def prepare(cfg: FarmConfig, address: str | None = None, tracking_uri: str | None = None,
-            name: str | None = None, resume: bool = False, resume_errored: bool = False) -> SweepPlan:
-    """Check the store and the sweep folder, open the sweep's MLflow writer (replaying what an earlier
-    run of it kept), start or join Ray. Opens no run and starts no device."""
+            name: str | None = None, resume: bool = False, resume_errored: bool = False,
+            lan: bool = False, on_ray=None) -> SweepPlan:
+    """Check the store and the sweep folder, then at once: start or join Ray (on a thread of its own),
+    open the sweep's MLflow writer (replaying what an earlier run of it kept) and load the data the
+    trials will share. Opens no run and starts no device."""
     uri = resolve_tracking_uri(tracking_uri, cfg.tracking.uri)
     check_reachable(uri)
     name = sweep_name(cfg, name)
     folder = Path(storage_path(cfg)) / name
     marker = check_resumable(cfg, uri, name, resume)
     limit_http_retries()
-    journal = MlflowWriter(uri, folder).open()  # the sweep's MLflow writes, its tracker's and callbacks'
-    if marker is not None:
-        _replay_before_resume(journal, marker, folder)
-    init_ray(address)
+    # Starting Ray is mostly waiting for its processes (on the other cores): the MLflow store's opening
+    # (an SQLite schema on first use) and the data's loading go on meanwhile, on a thread, instead of
+    # after it. Ray itself starts on this (the main) thread: the processes it starts are bound to the
+    # thread that starts them (they end with it), and it installs its signal handlers there.
+    def store_and_data():
+        journal = MlflowWriter(uri, folder).open()  # the sweep's MLflow writes, its tracker's and callbacks'
+        if marker is not None:
+            _replay_before_resume(journal, marker, folder)
+        return journal, load_arrays(cfg.data)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="physfarm-store") as pool:
+        side = pool.submit(store_and_data)
+        try:
+            ray_address = init_ray(address, lan)
+        finally:
+            journal, arrays = side.result()  # its error first: a store that is down says so
+    if on_ray is not None:
+        on_ray(ray_address)
     keys = _sampled_keys(cfg)
     context = run_context(cfg, keys, cfg.tracking.user)
     return SweepPlan(cfg=cfg, name=name, uri=uri, folder=folder, marker=marker, journal=journal,
                      tracker=SweepTracker(journal, cfg.tracking.experiment, name, context), context=context,
-                     devices=[d.name for d in cfg.devices], keys=keys, resume_errored=resume_errored)
+                     devices=[d.name for d in cfg.devices], keys=keys, resume_errored=resume_errored,
+                     arrays=arrays)
 
 
 def note_devices(plan: SweepPlan, stream=None) -> None:
@@ -289,6 +319,7 @@ def run(plan: SweepPlan, verbose: int = 0, show: bool = False, stream=None):
         _open_parent(plan)
         log_device_facts(plan.journal, plan.parent, plan.context.get("device_facts") or {})
         tuner = _tuner(plan, verbose, show, stream)
+        mark("tune_start")
         plan.status = SweepStatus.RUNNING
         grid = tuner.fit()
         plan.saved = _saved_trials(plan.folder)
@@ -383,7 +414,8 @@ def _tuner(plan: SweepPlan, verbose: int, show: bool, stream):
     cfg, storage = plan.cfg, str(plan.folder.parent)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=cfg.data.model_dump(mode="json"), devices=plan.devices,
-                             pbt=uses_pbt(cfg), user=plan.context["user"], metric=cfg.sweep.metric),
+                             pbt=uses_pbt(cfg), user=plan.context["user"], metric=cfg.sweep.metric,
+                             arrays=plan.arrays),
         {"cpu": cfg.sweep.trial_cpus},
     )
     if plan.marker is not None:

@@ -299,6 +299,10 @@ class MLflowCallback(tune.Callback):
         self._runs: dict[str, str] = {}
         self._done: set[str] = set()
         self._restarts: dict[str, int] = {}
+        # Handed a parent run this sweep has just opened, no trial has a run yet: a trial's run is made
+        # without first searching the store for it (a search per trial over a growing experiment).
+        # Unpickled (a resume), every trial is looked up first.
+        self._fresh = True
 
     @property
     def writer(self) -> MlflowWriter:
@@ -312,13 +316,13 @@ class MLflowCallback(tune.Callback):
 
     def __getstate__(self):  # Tune pickles callbacks (experiment state); the writer holds a lock and a client
         state = dict(self.__dict__)
-        state.update(_writer=None, _runs={}, _done=set(), _restarts={})
+        state.update(_writer=None, _runs={}, _done=set(), _restarts={}, _fresh=False)
         return state
 
     def __setstate__(self, state):  # a sweep started by an older version may lack newer fields
         self.__dict__.update({"devices": [], "watch": [], "context": {}, "_writer": None, "_runs": {},
                               "journal_dir": None,
-                              "_done": set(), "_restarts": {}})
+                              "_done": set(), "_restarts": {}, "_fresh": False})
         self.__dict__.update({k: v for k, v in state.items() if k not in ("_client", "_mem")})  # older fields
 
     def _existing_run(self, trial_id: str):
@@ -335,7 +339,9 @@ class MLflowCallback(tune.Callback):
         if tid not in self._runs:
             w = self.writer
             found = lookup_failed = None
-            if not w.pending and not self.parent_run_id.startswith(PLACEHOLDER):
+            if self._fresh:  # a new sweep: nothing to find
+                found = None
+            elif not w.pending and not self.parent_run_id.startswith(PLACEHOLDER):
                 try:
                     found = self._existing_run(tid)
                 except Exception as err:  # noqa: BLE001 - the store is down: find-or-create on replay

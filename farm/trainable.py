@@ -20,15 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import torch
-from ray import tune
-
 from actors.errors import QuotaExceededError
-from trainers.registry import method, retune_state
 
-from .client import DeviceClient
-from .data import DataConfig, load_dataset
+from .phases import mark
 from .runinfo import ERROR_KEY
 from .trainspec import resolve_train
 
@@ -38,6 +32,9 @@ ACCOUNTING = ("device_s_total", "queue_wait_s_total", "device_requests_total")
 
 def save_checkpoint_dir(folder: Path, state: dict, accounting: dict | None = None,
                         predictions: tuple | None = None, metrics: dict | None = None, data=None) -> None:
+    import numpy as np
+    import torch
+
     folder = Path(folder)
     if predictions is not None and data is not None:  # the final checkpoint: what the MLflow model needs
         shape = data.shape
@@ -61,8 +58,10 @@ def save_checkpoint_dir(folder: Path, state: dict, accounting: dict | None = Non
         (folder / "accounting.json").write_text(json.dumps(accounting))
 
 
-def load_checkpoint(checkpoint: tune.Checkpoint | None) -> tuple[dict | None, dict]:
+def load_checkpoint(checkpoint: "tune.Checkpoint | None") -> tuple[dict | None, dict]:  # noqa: F821
     """(the trainer's state, the device accounting at the checkpoint)."""
+    import torch
+
     if checkpoint is None:
         return None, {}
     with checkpoint.as_directory() as folder:
@@ -77,6 +76,8 @@ def test_predictions(data, state: dict | None) -> tuple | None:
     pred = (state or {}).get("test_predictions")
     if pred is None:
         return None
+    import torch
+
     return data.y_test.numpy().astype("int64"), torch.as_tensor(pred).to(torch.int64).numpy()
 
 
@@ -89,6 +90,8 @@ def trial_devices(train_cfg) -> list[str]:
 def connect_devices(train_cfg, client_id: str, user: str | None = None):
     """A connected DeviceClient for the trial's device, or {name: client} when it uses several.
     Its requests carry `client_id` (the trial or run) and `user` (the person)."""
+    from .client import DeviceClient
+
     names = trial_devices(train_cfg)
     clients = {n: DeviceClient(n, client_id=client_id, user=user).connect() for n in names}
     return clients[names[0]] if len(clients) == 1 else clients
@@ -135,6 +138,7 @@ class EpochReporter:
         return dict(self.total)
 
     def __call__(self, metrics: dict, state: dict | None) -> None:
+        mark("epoch", epoch=metrics.get("epoch"))
         predictions = test_predictions(self.data, state)
         accounting = self._advance()
         # Requests this trial's process retried (actor restarts, full queues, device faults): the
@@ -144,7 +148,9 @@ class EpochReporter:
         with tempfile.TemporaryDirectory() as folder:
             if state is not None:
                 save_checkpoint_dir(Path(folder), state, accounting, predictions, metrics, self.data)
+            mark("epoch_saved")
             self.sink(metrics, Path(folder) if state is not None else None)
+        mark("epoch_reported")
 
 
 # Errors that will happen again however often the trial is retried: a bad value or file (ValueError:
@@ -155,16 +161,23 @@ RECURRING = (ValueError, QuotaExceededError)
 
 
 def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: bool = False,
-              user: str | None = None, metric: str | None = None) -> None:
+              user: str | None = None, metric: str | None = None, arrays: dict | None = None) -> None:
     """Tune trainable: validate this trial's train config, find the device once, train, report.
+
+    `arrays`: the data set as the driver loaded it (farm.data.load_arrays); without it the trial loads
+    `data` itself.
 
     A recurring error (RECURRING) is reported as the trial's last result, {ERROR_KEY: message, metric:
     NaN, device_s_total: ...}, and the trial returns: it ends once, recorded as failed by physfarm's
     callbacks and summary, where raising would have Tune retry it (and fail the same way) max_failures
     times. Any other error is raised: Tune retries it from the last checkpoint."""
+    from ray import tune
+
+    mark("trial_start", trial=tune.get_context().get_trial_id())
     used = {"device_s_total": 0.0}
     try:
-        _run_trial(config, data, devices, pbt, used, user)
+        _run_trial(config, data, devices, pbt, used, user, arrays)
+        mark("trial_end")
     except RECURRING as err:
         lines = [ln for ln in str(err).splitlines() if ln.strip()] or [""]
         tune.report({ERROR_KEY: f"{type(err).__name__}: {lines[-1]}", **({metric: float("nan")} if metric else {}),
@@ -172,7 +185,13 @@ def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: b
 
 
 def _run_trial(config: dict, data: dict, devices: list[str] | None, pbt: bool, used: dict,
-               user: str | None = None) -> None:
+               user: str | None = None, arrays: dict | None = None) -> None:
+    from ray import tune
+
+    from trainers.registry import method, retune_state
+
+    from .data import DataConfig, dataset_from, load_dataset
+
     train = resolve_train(dict(config["train"]), list(devices or []))
     name = str(train.get("method", "pat"))
     m = method(name)
@@ -180,7 +199,7 @@ def _run_trial(config: dict, data: dict, devices: list[str] | None, pbt: bool, u
     ctx = tune.get_context()
     client_id = f"{ctx.get_experiment_name()}/{ctx.get_trial_id()}"
     device = connect_devices(train_cfg, client_id, user)
-    dataset = load_dataset(DataConfig(**data))
+    dataset = dataset_from(arrays) if arrays is not None else load_dataset(DataConfig(**data))
     checkpoint = tune.get_checkpoint()
     state, accounting = load_checkpoint(checkpoint)
     # Under PBT a checkpoint past the last epoch is another trial's, cloned in at the end (exploit):
@@ -202,6 +221,7 @@ def _run_trial(config: dict, data: dict, devices: list[str] | None, pbt: bool, u
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
 
     reporter = EpochReporter(device, name, train_cfg, dataset, sink, accounting)
+    mark("trial_ready", trial=ctx.get_trial_id())
     try:
         m.train(train_cfg, device, dataset, report=reporter, state=state)
     finally:
