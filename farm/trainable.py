@@ -148,9 +148,7 @@ class EpochReporter:
         with tempfile.TemporaryDirectory() as folder:
             if state is not None:
                 save_checkpoint_dir(Path(folder), state, accounting, predictions, metrics, self.data)
-            mark("epoch_saved")
             self.sink(metrics, Path(folder) if state is not None else None)
-        mark("epoch_reported")
 
 
 # Errors that will happen again however often the trial is retried: a bad value or file (ValueError:
