@@ -13,7 +13,7 @@ from ray import tune
 
 from .data import DataConfig, load_dataset
 from .fidelity import (PROMOTED, FidelityInfo, fidelity_plan, grace_seconds, max_t_default, n_rungs, promote)
-from .sweep_state import child_runs, saved_trials, write_marker
+from .sweep_folder import child_runs, saved_trials, write_marker
 from .trainspec import expected_trials, resolved_config
 from .tuning import DeviceLimitScheduler, build_param_space, build_scheduler, build_search, device_limits
 

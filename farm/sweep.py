@@ -8,10 +8,8 @@ from their last checkpoint, and the same parent run and child runs go on.
 from __future__ import annotations
 
 import enum
-import hashlib
-import json
-import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,9 +17,14 @@ import ray
 from ray import tune
 
 from .config import FarmConfig
-from .errors import ConfigError
+from .raycluster import check_trial_cpus, init_ray, usable_cpus  # noqa: F401 - re-exported
+from .sweep_folder import (MARKER, check_resumable, config_digest, read_marker, storage_path,  # noqa: F401
+                           sweep_name, write_marker)
+from .sweep_folder import child_runs as _child_runs, saved_trials as _saved_trials
+from .data import load_arrays
 from .device_facts import describe
-from .pool import device_metadata, devices_started
+from .phases import mark
+from .pool import device_metadata, devices_started, find_device, launch_device
 from .journal import PLACEHOLDER
 from .mlflow_ops import MlflowWriter, limit_http_retries
 from .tracking import (PARENT_TAG, MLflowCallback, SweepTracker, check_reachable, log_device_facts,
@@ -30,8 +33,6 @@ from .console import ConsoleCallback, SweepView
 from .runinfo import ended_by, pick, run_context, run_name
 from .trainable import run_trial
 from .trainspec import resolve_train
-from .sweep_state import MARKER, read_marker, write_marker  # noqa: F401 - MARKER: the folder's file, named here too
-from .sweep_state import child_runs as _child_runs, saved_trials as _saved_trials
 from .trainspec import expected_trials
 from .tuning import build_param_space, build_scheduler, build_search, uses_pbt
 from . import budget as budgets
@@ -91,84 +92,6 @@ def _last_line(error: BaseException) -> str:
     return (lines[-1] if lines else type(error).__name__)[:300]
 
 
-def usable_cpus() -> int:
-    """The cores this process may run on (its CPU affinity: `taskset`, a batch scheduler's cpuset),
-    which is what a local Ray should offer trials; os.cpu_count() counts the whole machine."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # no affinity API on this platform
-        return os.cpu_count() or 1
-
-
-def check_trial_cpus(cfg: FarmConfig, address: str | None) -> None:
-    """A local sweep whose trials each ask for more CPUs than the local Ray will have would wait
-    forever with every trial PENDING: refuse it before anything starts. (On a cluster, --address,
-    Tune itself says which resources are missing; the cluster may still grow.)"""
-    if address:
-        return
-    have = usable_cpus()
-    if cfg.sweep.trial_cpus > have:
-        raise ConfigError(
-            f"sweep.trial_cpus: {cfg.sweep.trial_cpus:g} CPUs per trial, but the local Ray this sweep starts "
-            f"has {have} (this process's CPU affinity), so no trial could ever start; set "
-            f"sweep.trial_cpus to at most {have}, or run on a larger cluster with --address")
-
-
-def init_ray(address: str | None, lan: bool = False) -> str:
-    """Join the cluster at `address` (farm/raycluster.py: token authentication as the cluster needs
-    it), or start a local Ray for this process on 127.0.0.1 only (`lan`: on the machine's network
-    address, for lab PCs to join). Returns the address of the Ray in use."""
-    from .raycluster import current_address, join, start_local
-
-    if ray.is_initialized():
-        return current_address()
-    if address:
-        return join(address)
-    return start_local(usable_cpus(), lan=lan)
-
-
-def sweep_name(cfg: FarmConfig, name: str | None = None) -> str:
-    return name or cfg.sweep.name or "sweep"
-
-
-def storage_path(cfg: FarmConfig) -> str:
-    return str(Path(cfg.sweep.storage_path or "ray_results").expanduser().resolve())
-
-
-def config_digest(cfg: FarmConfig) -> str:
-    """What a resume must not change: the trials' search space, the data and the sweep settings."""
-    sweep = cfg.sweep.model_dump(mode="json")
-    sweep.pop("storage_path", None)
-    if sweep.get("max_failures") == 2:  # the default: digests of sweeps started before the field existed hold
-        sweep.pop("max_failures")
-    blob = json.dumps({"train": cfg.train, "data": cfg.data.model_dump(mode="json"), "sweep": sweep},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def check_resumable(cfg: FarmConfig, uri: str, name: str, resume: bool) -> dict | None:
-    """Before anything starts: a resume needs the earlier sweep, its store and the same config; a new
-    sweep must not overwrite an interrupted one. Returns the marker when resuming."""
-    folder = Path(storage_path(cfg)) / name
-    marker = read_marker(folder)
-    if resume:
-        if marker is None or not tune.Tuner.can_restore(str(folder)):
-            raise ConfigError(f"--resume: no sweep '{name}' to resume in {folder.parent} "
-                              f"(sweep.name and sweep.storage_path pick it)")
-        if marker.get("tracking_uri") != uri:
-            raise ConfigError(f"--resume: sweep '{name}' was tracked in {marker.get('tracking_uri')}, not {uri}; "
-                              f"resume with --tracking-uri {marker.get('tracking_uri')}")
-        if marker.get("config_digest") != config_digest(cfg):
-            raise ConfigError(f"--resume: the config's train, data or sweep section differs from the one sweep "
-                              f"'{name}' started with; resume with the same file, or start a new sweep "
-                              f"(another sweep.name)")
-        return marker
-    if marker is not None and marker.get("status") in ("running", "interrupted"):
-        raise ConfigError(f"sweep '{name}' in {folder} did not finish ({marker.get('status')}): continue it "
-                          f"with --resume, or start a new one under another sweep.name (or delete that folder)")
-    return None
-
-
 class TrialDescription:
     """trial -> (what varies, e.g. "lr=0.03 seed=1"; its epochs): the console's and the run names'
     label of a trial (a class, not a closure: Tune pickles the callbacks holding it)."""
@@ -208,6 +131,8 @@ class SweepPlan:
     devices: list[str]
     keys: list[str]  # what varies between trials (leaderboard columns, run names)
     resume_errored: bool = False
+    arrays: dict | None = None  # the data set, loaded once here for every trial (farm.data.load_arrays)
+    launched: dict = field(default_factory=dict)  # devices launched by prepare: {name: (handles, created)}
     status: SweepStatus = SweepStatus.PREPARED
     parent: str | None = None
     saved: dict = field(default_factory=dict)  # trial id -> trial, Tune's saved state after the run
@@ -228,41 +153,74 @@ class SweepPlan:
 def run_sweep(cfg: FarmConfig, address: str | None = None, tracking_uri: str | None = None,
               name: str | None = None, verbose: int = 0, resume: bool = False,
               resume_errored: bool = False, flush_wait_s: float | None = None,
-              show: bool = False, stream=None) -> SweepOutcome:
+              show: bool = False, stream=None, lan: bool = False) -> SweepOutcome:
     """Run a sweep in its phases: prepare, devices started, run, collect, finish.
+
+    Ray: the one this process is connected to, else joined at `address`, else started for this sweep
+    (`lan`: on the network address, else on 127.0.0.1 only).
 
     verbose: Tune's own tables (1) or none (0); show: physfarm's live view of the trials and devices
     on `stream` (stdout; redrawn in place on a terminal, periodic lines otherwise).
     flush_wait_s (default: tracking.flush_wait_s): how long the end of the sweep waits for a tracking
     store that is down to answer again before it leaves the kept MLflow writes in the journal
     (replayed by `physfarm report` or `--resume`)."""
-    plan = prepare(cfg, address, tracking_uri, name, resume, resume_errored)
-    with devices_started(cfg.devices):
+    plan = prepare(cfg, address, tracking_uri, name, resume, resume_errored, lan=lan)
+    mark("prepared")
+    with devices_started(cfg.devices, plan.launched):
+        mark("devices_started")
         note_devices(plan, stream)
         grid = run(plan, verbose=verbose, show=show, stream=stream)
+        mark("tune_done")
     outcome = collect(plan, grid)
-    return finish(plan, outcome, cfg.tracking.flush_wait_s if flush_wait_s is None else flush_wait_s)
+    mark("collected")
+    outcome = finish(plan, outcome, cfg.tracking.flush_wait_s if flush_wait_s is None else flush_wait_s)
+    mark("finished")
+    return outcome
 
 
 def prepare(cfg: FarmConfig, address: str | None = None, tracking_uri: str | None = None,
-            name: str | None = None, resume: bool = False, resume_errored: bool = False) -> SweepPlan:
-    """Check the store and the sweep folder, open the sweep's MLflow writer (replaying what an earlier
-    run of it kept), start or join Ray. Opens no run and starts no device."""
+            name: str | None = None, resume: bool = False, resume_errored: bool = False,
+            lan: bool = False) -> SweepPlan:
+    """Check the store and the sweep folder, then at once: start or join Ray (on a thread of its own),
+    open the sweep's MLflow writer (replaying what an earlier run of it kept) and load the data the
+    trials will share. Opens no run and starts no device."""
     uri = resolve_tracking_uri(tracking_uri, cfg.tracking.uri)
     check_reachable(uri)
     name = sweep_name(cfg, name)
     folder = Path(storage_path(cfg)) / name
     marker = check_resumable(cfg, uri, name, resume)
     limit_http_retries()
-    journal = MlflowWriter(uri, folder).open()  # the sweep's MLflow writes, its tracker's and callbacks'
-    if marker is not None:
-        _replay_before_resume(journal, marker, folder)
-    init_ray(address)
+    # Starting Ray is mostly waiting for its processes (on the other cores): the MLflow store's opening
+    # (an SQLite schema on first use) and the data's loading go on meanwhile, on a thread, instead of
+    # after it. Ray itself starts on this (the main) thread: the processes it starts are bound to the
+    # thread that starts them (they end with it), and it installs its signal handlers there.
+    def store_and_data():
+        journal = MlflowWriter(uri, folder).open()  # the sweep's MLflow writes, its tracker's and callbacks'
+        if marker is not None:
+            _replay_before_resume(journal, marker, folder)
+        return journal, load_arrays(cfg.data)
+
+    launched: dict = {}
+    with ThreadPoolExecutor(1, thread_name_prefix="physfarm-store") as pool:
+        side = pool.submit(store_and_data)
+        try:
+            init_ray(address, lan)
+            # The devices' processes start now too (waited for in run_sweep's devices_started).
+            for dev in cfg.devices:
+                if find_device(dev.name) is None:
+                    launched[dev.name] = launch_device(dev)
+            journal, arrays = side.result()  # a store that is down says so here
+        except BaseException:
+            for _handles, created in launched.values():
+                for handle in created:
+                    ray.kill(handle, no_restart=True)
+            raise
     keys = _sampled_keys(cfg)
     context = run_context(cfg, keys, cfg.tracking.user)
     return SweepPlan(cfg=cfg, name=name, uri=uri, folder=folder, marker=marker, journal=journal,
                      tracker=SweepTracker(journal, cfg.tracking.experiment, name, context), context=context,
-                     devices=[d.name for d in cfg.devices], keys=keys, resume_errored=resume_errored)
+                     devices=[d.name for d in cfg.devices], keys=keys, resume_errored=resume_errored,
+                     arrays=arrays, launched=launched)
 
 
 def note_devices(plan: SweepPlan, stream=None) -> None:
@@ -282,6 +240,7 @@ def run(plan: SweepPlan, verbose: int = 0, show: bool = False, stream=None):
         _open_parent(plan)
         log_device_facts(plan.journal, plan.parent, plan.context.get("device_facts") or {})
         _start_budget(plan)
+        mark("tune_start")
         plan.status = SweepStatus.RUNNING
         if fidelity_plan(plan.cfg) is not None:
             from .fidelity_run import run_phases
@@ -421,7 +380,7 @@ def _tuner(plan: SweepPlan, verbose: int, show: bool, stream, *, folder: Path | 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=cfg.data.model_dump(mode="json"), devices=plan.devices,
                              pbt=uses_pbt(cfg), user=plan.context["user"], metric=cfg.sweep.metric,
-                             budget=plan.name if budgeted else None),
+                             budget=plan.name if budgeted else None, arrays=plan.arrays),
         {"cpu": cfg.sweep.trial_cpus},
     )
     if restore if restore is not None else plan.marker is not None:

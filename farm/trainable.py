@@ -20,17 +20,11 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import torch
-from ray import tune
-
 from actors.errors import QuotaExceededError
-from trainers.registry import method, retune_state
 
 from .budget import BudgetExhaustedError, BudgetGate
-from .client import DeviceClient
-from .data import DataConfig, load_dataset
 from .fidelity import at_fidelity
+from .phases import mark
 from .runinfo import ERROR_KEY
 from .trainspec import resolve_train
 
@@ -40,6 +34,9 @@ ACCOUNTING = ("device_s_total", "queue_wait_s_total", "device_requests_total", "
 
 def save_checkpoint_dir(folder: Path, state: dict, accounting: dict | None = None,
                         predictions: tuple | None = None, metrics: dict | None = None, data=None) -> None:
+    import numpy as np
+    import torch
+
     folder = Path(folder)
     if predictions is not None and data is not None:  # the final checkpoint: what the MLflow model needs
         shape = data.shape
@@ -63,8 +60,10 @@ def save_checkpoint_dir(folder: Path, state: dict, accounting: dict | None = Non
         (folder / "accounting.json").write_text(json.dumps(accounting))
 
 
-def load_checkpoint(checkpoint: tune.Checkpoint | None) -> tuple[dict | None, dict]:
+def load_checkpoint(checkpoint: "tune.Checkpoint | None") -> tuple[dict | None, dict]:  # noqa: F821
     """(the trainer's state, the device accounting at the checkpoint)."""
+    import torch
+
     if checkpoint is None:
         return None, {}
     with checkpoint.as_directory() as folder:
@@ -79,6 +78,8 @@ def test_predictions(data, state: dict | None) -> tuple | None:
     pred = (state or {}).get("test_predictions")
     if pred is None:
         return None
+    import torch
+
     return data.y_test.numpy().astype("int64"), torch.as_tensor(pred).to(torch.int64).numpy()
 
 
@@ -92,6 +93,8 @@ def connect_devices(train_cfg, client_id: str, user: str | None = None, budget=N
     """A connected DeviceClient for the trial's device, or {name: client} when it uses several.
     Its requests carry `client_id` (the trial or run) and `user` (the person); `budget` (a
     farm.budget.BudgetGate) is asked before each device call."""
+    from .client import DeviceClient
+
     names = trial_devices(train_cfg)
     clients = {n: DeviceClient(n, client_id=client_id, user=user, budget=budget).connect() for n in names}
     return clients[names[0]] if len(clients) == 1 else clients
@@ -141,6 +144,7 @@ class EpochReporter:
         return dict(self.total)
 
     def __call__(self, metrics: dict, state: dict | None) -> None:
+        mark("epoch", epoch=metrics.get("epoch"))
         predictions = test_predictions(self.data, state)
         accounting = self._advance()
         # Requests this trial's process retried (actor restarts, full queues, device faults): the
@@ -162,8 +166,12 @@ RECURRING = (ValueError, QuotaExceededError)
 
 
 def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: bool = False,
-              user: str | None = None, metric: str | None = None, budget: str | None = None) -> None:
+              user: str | None = None, metric: str | None = None, budget: str | None = None,
+              arrays: dict | None = None) -> None:
     """Tune trainable: validate this trial's train config, find the device once, train, report.
+
+    `arrays`: the data set as the driver loaded it (farm.data.load_arrays); without it the trial loads
+    `data` itself.
 
     A recurring error (RECURRING) is reported as the trial's last result, {ERROR_KEY: message, metric:
     NaN, device_s_total: ...}, and the trial returns: it ends once, recorded as failed by physfarm's
@@ -172,9 +180,13 @@ def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: b
 
     budget: the sweep whose device budget (farm.budget) each device call is checked against; once it
     is spent the trial stops where it is and ends normally with what it reported and checkpointed."""
+    from ray import tune
+
+    mark("trial_start", trial=tune.get_context().get_trial_id())
     used = {"device_s_total": 0.0}
     try:
-        _run_trial(config, data, devices, pbt, used, user, budget)
+        _run_trial(config, data, devices, pbt, used, user, budget, arrays)
+        mark("trial_end")
     except BudgetExhaustedError:
         # Stopped mid-epoch by the sweep's budget: its last report again, with the device seconds it
         # used since (what the trial spent in all), so the run and the leaderboard count them.
@@ -189,7 +201,13 @@ def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: b
 
 
 def _run_trial(config: dict, data: dict, devices: list[str] | None, pbt: bool, used: dict,
-               user: str | None = None, budget: str | None = None) -> None:
+               user: str | None = None, budget: str | None = None, arrays: dict | None = None) -> None:
+    from ray import tune
+
+    from trainers.registry import method, retune_state
+
+    from .data import DataConfig, dataset_from, load_dataset
+
     # the multifidelity strategy's screen trains the same network in silico (farm.fidelity)
     train = resolve_train(at_fidelity(dict(config["train"]), config.get("fidelity")), list(devices or []))
     name = str(train.get("method", "pat"))
@@ -198,7 +216,7 @@ def _run_trial(config: dict, data: dict, devices: list[str] | None, pbt: bool, u
     ctx = tune.get_context()
     client_id = f"{ctx.get_experiment_name()}/{ctx.get_trial_id()}"
     device = connect_devices(train_cfg, client_id, user, BudgetGate(budget) if budget else None)
-    dataset = load_dataset(DataConfig(**data))
+    dataset = dataset_from(arrays) if arrays is not None else load_dataset(DataConfig(**data))
     checkpoint = tune.get_checkpoint()
     state, accounting = load_checkpoint(checkpoint)
     # Under PBT a checkpoint past the last epoch is another trial's, cloned in at the end (exploit):
@@ -221,6 +239,7 @@ def _run_trial(config: dict, data: dict, devices: list[str] | None, pbt: bool, u
 
     reporter = EpochReporter(device, name, train_cfg, dataset, sink, accounting)
     used["reporter"] = reporter
+    mark("trial_ready", trial=ctx.get_trial_id())
     try:
         m.train(train_cfg, device, dataset, report=reporter, state=state)
     finally:
