@@ -22,7 +22,6 @@ from typing import Callable
 
 from actors.errors import QuotaExceededError
 
-from .budget import BudgetExhaustedError, BudgetGate
 from .fidelity import at_fidelity
 from .phases import mark
 from .runinfo import ERROR_KEY
@@ -182,6 +181,8 @@ def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: b
     is spent the trial stops where it is and ends normally with what it reported and checkpointed."""
     from ray import tune
 
+    from .budget import BudgetExhaustedError
+
     mark("trial_start", trial=tune.get_context().get_trial_id())
     used = {"device_s_total": 0.0}
     try:
@@ -206,6 +207,7 @@ def _run_trial(config: dict, data: dict, devices: list[str] | None, pbt: bool, u
 
     from trainers.registry import method, retune_state
 
+    from .budget import BudgetGate
     from .data import DataConfig, dataset_from, load_dataset
 
     # the multifidelity strategy's screen trains the same network in silico (farm.fidelity)
