@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import sys
 
-from . import chaos, demo, learning, load, overhead, scaling, serving, sharing, systems
+from . import chaos, demo, fidelity, learning, load, overhead, scaling, serving, sharing, sweep_overhead, systems
 
 # load (R-load-errors, 60 s) and chaos (R-lost, every fault scenario) last: they take the longest.
 SCRIPTS = [("systems", systems.main), ("serving", serving.main), ("overhead", overhead.main),
+           ("sweep_overhead", sweep_overhead.main),
            ("scaling", scaling.main), ("demo", demo.main), ("sharing", sharing.main),
-           ("learning", learning.main), ("load", load.main), ("chaos", chaos.main)]
+           ("learning", learning.main), ("fidelity", fidelity.main), ("load", load.main), ("chaos", chaos.main)]
 
 
 def main() -> int:

@@ -59,6 +59,14 @@ def _report_check(cfg, uri: str) -> int:
     sampled = ", ".join(cfg.sampled_paths()) or "none"
     print(f"ok: {n} trial{'s' if n != 1 else ''} in sweep '{sweep_name(cfg)}' on device"
           f"{'s' if len(cfg.devices) != 1 else ''} {devices}; sampled: {sampled}; tracking: {uri}")
+    from .fidelity import fidelity_plan
+
+    plan = fidelity_plan(cfg)
+    if plan is not None:
+        print(f"multifidelity: {plan.screen or n} screened in silico (fidelity 0), the {plan.promote} best by "
+              f"device validation promoted to PAT, ASHA keeping about {plan.keep} to the end")
+    if cfg.sweep.device_budget_s:
+        print(f"device budget: {cfg.sweep.device_budget_s:g} device seconds for the whole sweep")
     for dev in cfg.devices:
         for note in dev._notes:
             print(f"note: device '{dev.name}': {note}")
@@ -79,10 +87,14 @@ def quiet_libraries() -> None:
 
 def cmd_sweep(args) -> int:
     from .config import load_config
+    from .phases import mark
 
+    mark("cli")
     cfg = load_config(args.config)  # validates everything before Ray or MLflow start
-    from .sweep import check_resumable, check_trial_cpus, run_sweep, sweep_name
-    from .tracking import check_reachable, resolve_tracking_uri
+    mark("config_loaded")
+    from .raycluster import check_trial_cpus, init_ray
+    from .sweep_folder import check_resumable, sweep_name
+    from .tracking_uri import check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri, cfg.tracking.uri)  # a refused URI is a config error too
     check_trial_cpus(cfg, args.address)
@@ -95,11 +107,22 @@ def cmd_sweep(args) -> int:
     check_resumable(cfg, uri, sweep_name(cfg), args.resume or args.resume_errored)
     if not args.verbose:
         quiet_libraries()
-    from .sweep import init_ray
+    # Ray Tune and MLflow take seconds to import, and starting Ray is mostly waiting for its processes:
+    # both at once. Ray starts on the main thread (its processes are bound to the thread that starts
+    # them); the imports go on a thread of their own.
+    import ray  # noqa: F401 - first, here: the thread's imports and ray.init share none of Ray's own modules
 
+    importing = _import_in_background("farm.sweep")
     address = init_ray(args.address, lan=args.lan)
+    mark("ray_ready")
     _forward_sigterm()  # after ray.init, which installs its own SIGTERM handler
     print(ray_banner(address, joined=bool(args.address), lan=args.lan), flush=True)
+    importing.join()
+    from .sweep import run_sweep
+
+    if not args.verbose:
+        quiet_libraries()  # again: MLflow sets its own loggers' levels when it is first imported
+    mark("imports")
     outcome = run_sweep(cfg, address=args.address, tracking_uri=args.tracking_uri,
                         verbose=1 if args.verbose else 0, resume=args.resume or args.resume_errored,
                         resume_errored=args.resume_errored, show=not args.quiet)
@@ -128,7 +151,25 @@ def cmd_sweep(args) -> int:
               f"physfarm sweep {args.config} --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     failed = [r for r in outcome.rows if r.status != "TERMINATED"]
+    mark("printed")
     return 1 if failed and len(failed) == len(outcome.rows) else 0
+
+
+def _import_in_background(module: str):
+    """A started thread importing `module` (join it, then import it as usual: the import is done, or
+    its error is raised again there)."""
+    import importlib
+    import threading
+
+    def load() -> None:
+        try:
+            importlib.import_module(module)
+        except BaseException:  # noqa: BLE001 - the main thread's own import raises it, with its traceback
+            pass
+
+    thread = threading.Thread(target=load, name=f"physfarm-import-{module}", daemon=True)
+    thread.start()
+    return thread
 
 
 def ray_banner(address: str, joined: bool, lan: bool = False) -> str:
@@ -205,5 +246,30 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def entry() -> None:
+    """The `physfarm` command: `main`, then a quick exit. Once the command is done (threads joined,
+    Ray shut down and every atexit handler run, MLflow's among them, the output flushed), the
+    interpreter's own teardown is skipped: with torch, Ray and MLflow loaded it takes 2-5 s on a small
+    machine and does nothing a finished command needs."""
+    code = main()
+    import atexit
+    import os
+    import threading
+
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if run_exit_handlers is None:  # not CPython: the ordinary exit
+        sys.exit(code)
+    for thread in threading.enumerate():  # what the interpreter would wait for before exiting
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    run_exit_handlers()  # Ray's shutdown, MLflow's flushes, temporary folders' removal
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -41,8 +41,10 @@ class DeviceClient:
     def __init__(self, name: str, client_id: str = "anonymous", namespace: str = NAMESPACE,
                  timeout_s: float | None = None, retries: int | None = None,
                  backoff_s: float | None = None, control_timeout_s: float = 30.0,
-                 load_refresh_s: float = 0.25, restart_wait_s: float | None = None, user: str | None = None):
+                 load_refresh_s: float = 0.25, restart_wait_s: float | None = None, user: str | None = None,
+                 budget=None):
         self.name = name
+        self.budget = budget  # farm.budget.BudgetGate: asked before each forward call (a sweep's budget)
         self.client_id = client_id  # the run or trial the requests serve
         self.user = current_user(user)  # the person they are for: given, else $PHYSFARM_USER, else the login
         self.namespace = namespace
@@ -115,6 +117,8 @@ class DeviceClient:
         x = np.ascontiguousarray(x.detach().numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
         theta = np.ascontiguousarray(
             theta.detach().numpy() if isinstance(theta, torch.Tensor) else theta, dtype=np.float32)
+        if self.budget is not None:
+            self.budget.check()  # raises BudgetExhaustedError once the sweep's device budget is spent
         token = self._lease.token if self._lease is not None and self._lease.active else None
         return Measurement(self._retry.send(self._replicas, "serve", x, theta, (self.client_id, token, self.user),
                                             rows=int(x.shape[0]) if x.ndim else 0, label="forward"))

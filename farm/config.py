@@ -163,6 +163,10 @@ class SweepSettings(BaseModel):
                                        "optuna (needs the optuna extra)")
     seed: int | None = Field(default=None, ge=0, description="seeds the search algorithm's sampling")
     scheduler: SchedulerSettings | None = Field(default=None, description="asha or pbt (default: none, FIFO)")
+    device_budget_s: float | None = Field(
+        default=None, description="device seconds the whole sweep may use, over all devices (twin data "
+        "collection, training, validation and test passes); enforced before each device call, shown on "
+        "the console and logged on the parent run (default: no budget)")
     max_failures: int = Field(
         default=2, ge=-1, le=1000,
         description="times a trial is retried after its worker fails or dies (a crash, a killed process, "
@@ -187,6 +191,14 @@ class SweepSettings(BaseModel):
             raise ValueError(f"sweep.mode: 'max' with metric '{self.metric}' would pick the worst trial; use "
                              f"mode: min (or leave mode out)")
         return self
+
+    @field_validator("device_budget_s")
+    @classmethod
+    def _positive_budget(cls, value):
+        if value is not None and not value > 0:
+            raise ValueError(f"a budget of {value!r} device seconds lets no trial measure anything; give a "
+                             f"number of seconds > 0, or leave device_budget_s out for no budget")
+        return value
 
     @field_validator("scheduler", mode="before")
     @classmethod

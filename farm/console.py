@@ -79,6 +79,7 @@ class SweepView:
     trials: dict[str, TrialLine] = field(default_factory=dict)
     devices: dict[str, DeviceLine] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what happened, e.g. a device restart, in order
+    budget: str | None = None  # the sweep's device budget, e.g. "device budget: 12.0 s left of 60.0 s (...)"
 
     def trial(self, trial_id: str, label: str) -> TrialLine:
         return self.trials.setdefault(trial_id, TrialLine(trial_id, label))
@@ -98,6 +99,8 @@ class SweepView:
         done = ", ".join(f"{n} {s.lower()}" for s, n in sorted(self.counts().items()))
         retried = self.retries()
         out = [f"{self.title}: {done or 'starting'}" + (f"; {retried} device requests retried" if retried else "")]
+        if self.budget:
+            out.append(f"  {self.budget}")
         for t in self.trials.values():
             epoch, val, dev = t.cells()
             out.append(f"  {t.trial_id}  {t.label:<28} epoch {epoch:>7}  val {val}  device_s {dev:>7}  {t.status}")
@@ -122,7 +125,7 @@ class SweepView:
             devices.add_column(name, justify="left" if name == "device" else "right")
         for d in self.devices.values():
             devices.add_row(d.name, f"{d.utilisation:.0%}", str(d.queued_rows), f"{d.rows_per_s:.0f}", str(d.restarts))
-        return Group(trials, devices, *self.notes[-5:])
+        return Group(trials, devices, *([self.budget] if self.budget else []), *self.notes[-5:])
 
 
 class ConsoleCallback(tune.Callback):

@@ -158,23 +158,38 @@ def _scale(parts: dict[str, np.ndarray], pixels: bool) -> dict[str, np.ndarray]:
     return out
 
 
-def load_dataset(cfg: DataConfig):
-    """The configured data set as a `trainers.types.Dataset` (three splits, features in [0, 1])."""
+def load_arrays(cfg: DataConfig) -> dict:
+    """The configured data set as numpy arrays: x_/y_ train, val and test (features float32 in [0, 1],
+    labels int64), with n_classes, image_shape and kind. A sweep's driver loads this once and hands it
+    to every trial (through Ray's object store), so trials neither read the files nor import what
+    reading them takes (scikit-learn for the bundled sets)."""
+    raw = read_raw(cfg)
+    parts = _scale(split_raw(raw, cfg), raw.pixels)
+    out = {k: np.ascontiguousarray(v, dtype=np.int64 if k.startswith("y_") else np.float32)
+           for k, v in parts.items()}
+    out["n_classes"] = int(max(out["y_train"].max(), out["y_val"].max(), out["y_test"].max())) + 1
+    out["image_shape"] = raw.image_shape
+    out["kind"] = cfg.kind
+    return out
+
+
+def dataset_from(arrays: dict):
+    """A `trainers.types.Dataset` of `load_arrays`'s arrays (copied: those from Ray's object store
+    are read-only)."""
     import torch
 
     from trainers.types import Dataset
 
-    raw = read_raw(cfg)
-    parts = _scale(split_raw(raw, cfg), raw.pixels)
-    classes = int(max(parts["y_train"].max(), parts["y_val"].max(), parts["y_test"].max())) + 1
+    def t(name):
+        return torch.from_numpy(np.array(arrays[name]))
 
-    def t(a, dtype):
-        return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype)
+    return Dataset(arrays["kind"], t("x_train"), t("y_train"), t("x_val"), t("y_val"), t("x_test"), t("y_test"),
+                   n_classes=int(arrays["n_classes"]), image_shape=arrays["image_shape"])
 
-    return Dataset(cfg.kind, t(parts["x_train"], torch.float32), t(parts["y_train"], torch.int64),
-                   t(parts["x_val"], torch.float32), t(parts["y_val"], torch.int64),
-                   t(parts["x_test"], torch.float32), t(parts["y_test"], torch.int64),
-                   n_classes=classes, image_shape=raw.image_shape)
+
+def load_dataset(cfg: DataConfig):
+    """The configured data set as a `trainers.types.Dataset` (three splits, features in [0, 1])."""
+    return dataset_from(load_arrays(cfg))
 
 
 def data_shape(cfg: DataConfig) -> DataShape:

@@ -53,6 +53,9 @@ def _build(tc, specs: dict[str, SystemSpec | None], shape: DataShape) -> None:
     """Build the network trial config `tc` trains (raises ValueError with the trainer's message)."""
     import torch
 
+    # Built on the CPU, not the "meta" device: meta tensors go through torch's decompositions, whose
+    # first use imports torch._dynamo (over a second of the sweep's start-up); these networks hold
+    # kilobytes to a few megabytes of weights, and no gradient is recorded.
     method = getattr(tc, "method", None)
     if method in ("pat", "insilico"):
         from trainers.networks import PNN
@@ -61,7 +64,7 @@ def _build(tc, specs: dict[str, SystemSpec | None], shape: DataShape) -> None:
         if any(specs.get(n) is None for n in names):
             return
         devices = [SpecOnly(specs[n]) for n in names]
-        with torch.device("meta"):  # shapes only: no memory for theta, nothing measured
+        with torch.no_grad():  # shapes only: nothing measured
             PNN(devices, None, shape.n_features, shape.n_classes, n_layers=tc.n_layers,
                 theta_init_scale=tc.layer_init_scales(), readout_scale=tc.readout_scale, hybrid=tc.hybrid,
                 input_window=tc.input_window, image_shape=shape.image_shape, encoder=tc.encoder,
@@ -72,7 +75,7 @@ def _build(tc, specs: dict[str, SystemSpec | None], shape: DataShape) -> None:
         spec = specs.get(tc.device)
         if spec is None:
             return
-        with torch.device("meta"):
+        with torch.no_grad():
             PhyLLNet(spec, tc, shape.n_features, shape.n_classes, None, shape.image_shape)
 
 

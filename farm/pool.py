@@ -17,7 +17,6 @@ from pathlib import Path
 import ray
 
 
-from actors.device_actor import RAY_THREADS, DeviceActor
 from actors.errors import DeviceError
 
 from .config import DeviceConfig, DeviceList, check_systems, read_yaml, validated
@@ -103,8 +102,17 @@ def start_device(dev: DeviceConfig, detached: bool = False, timeout_s: float = 1
 
     Keep the handles: a non-detached actor dies when its last handle is dropped.
     """
+    return await_device(dev, launch_device(dev, detached), timeout_s)
+
+
+def launch_device(dev: DeviceConfig, detached: bool = False) -> tuple[list, list]:
+    """Ask Ray for the replicas of one device and return at once, (handles, the ones created here),
+    while their processes start; `await_device` waits for them. A sweep launches its devices as soon
+    as Ray is up and waits for them only when it needs them."""
     _check_placeable(dev)
     handles, created = [], []
+    from actors.device_actor import RAY_THREADS, DeviceActor  # torch: only where a device is started
+
     cls = ray.remote(DeviceActor)
     policy = {"retries": dev.retries, "backoff_s": dev.retry_backoff_s, "timeout_s": dev.call_timeout_s,
               "restart_wait_s": dev.restart_wait_s}
@@ -129,7 +137,13 @@ def start_device(dev: DeviceConfig, detached: bool = False, timeout_s: float = 1
         handles.append(handle)
         if not existed:
             created.append(handle)
-    # Fail here, not in a trial, if a device cannot start.
+    return handles, created
+
+
+def await_device(dev: DeviceConfig, launched: tuple[list, list], timeout_s: float = 120.0) -> list:
+    """Wait until the launched replicas answer and are connected; returns their handles. A device that
+    cannot start fails here, not in a trial (the replicas created for it are killed)."""
+    handles, created = launched
     refs = [h.ping.remote() for h in handles]
     ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
     try:
@@ -205,14 +219,21 @@ def stop_device(dev_name: str, replicas: int | None = None, close_timeout_s: flo
 
 
 @contextlib.contextmanager
-def devices_started(devices: Iterable[DeviceConfig]) -> Iterator[list[DeviceConfig]]:
+def devices_started(devices: Iterable[DeviceConfig],
+                    launched: dict[str, tuple[list, list]] | None = None) -> Iterator[list[DeviceConfig]]:
     """Start each device that is not already up (a standing device of that name is used as it is),
     yield the ones started here, and stop exactly those at the end, also on an error or Ctrl-C.
+    `launched`: {name: launch_device(...)} of devices this process launched already (waited for here).
     A sweep, `physfarm train` and `physfarm eval` all hold their devices so."""
     started: list[tuple[DeviceConfig, list]] = []  # the handles too: a non-detached actor lives by them
+    launched = dict(launched or {})
     try:
         for dev in devices:
-            if find_device(dev.name) is None:
+            if dev.name in launched:  # launched by this process a moment ago: it is ours to wait for and stop
+                handles, created = launched.pop(dev.name)
+                started.append((dev, handles))
+                await_device(dev, (handles, created))
+            elif find_device(dev.name) is None:
                 started.append((dev, start_device(dev)))
         yield [dev for dev, _handles in started]
     finally:

@@ -32,6 +32,8 @@ import socket
 import threading
 from pathlib import Path
 
+from .errors import ConfigError
+
 NAMESPACE = "physfarm"  # farm.pool's too (not imported: this module must load fast, before torch)
 AUTH_MODE = "RAY_AUTH_MODE"
 GCS_ANSWER_S = 10.0  # a GCS answers GetClusterId in milliseconds; an open port silent this long is not one
@@ -269,3 +271,40 @@ def current_address() -> str:
 def attach_command(address: str) -> str:
     """The one command that looks at the devices of the Ray at `address` from another shell."""
     return f"physfarm devices ls --address {address}"
+
+
+# -- the Ray a command uses -------------------------------------------------------------------------
+def usable_cpus() -> int:
+    """The cores this process may run on (its CPU affinity: `taskset`, a batch scheduler's cpuset),
+    which is what a local Ray should offer trials; os.cpu_count() counts the whole machine."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity API on this platform
+        return os.cpu_count() or 1
+
+
+def check_trial_cpus(cfg, address: str | None) -> None:
+    """A local sweep whose trials each ask for more CPUs than the local Ray will have would wait
+    forever with every trial PENDING: refuse it before anything starts. (On a cluster, --address,
+    Tune itself says which resources are missing; the cluster may still grow.)"""
+    if address:
+        return
+    have = usable_cpus()
+    if cfg.sweep.trial_cpus > have:
+        raise ConfigError(
+            f"sweep.trial_cpus: {cfg.sweep.trial_cpus:g} CPUs per trial, but the local Ray this sweep starts "
+            f"has {have} (this process's CPU affinity), so no trial could ever start; set "
+            f"sweep.trial_cpus to at most {have}, or run on a larger cluster with --address")
+
+
+def init_ray(address: str | None, lan: bool = False) -> str:
+    """Join the cluster at `address` (farm/raycluster.py: token authentication as the cluster needs
+    it), or start a local Ray for this process on 127.0.0.1 only (`lan`: on the machine's network
+    address, for lab PCs to join). Returns the address of the Ray in use."""
+    import ray
+
+    if ray.is_initialized():
+        return current_address()
+    if address:
+        return join(address)
+    return start_local(usable_cpus(), lan=lan)

@@ -8,11 +8,8 @@ from their last checkpoint, and the same parent run and child runs go on.
 from __future__ import annotations
 
 import enum
-import hashlib
-import json
-import os
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,20 +17,27 @@ import ray
 from ray import tune
 
 from .config import FarmConfig
-from .errors import ConfigError
+from .raycluster import check_trial_cpus, init_ray, usable_cpus  # noqa: F401 - re-exported
+from .sweep_folder import (MARKER, check_resumable, config_digest, read_marker, storage_path,  # noqa: F401
+                           sweep_name, write_marker)
+from .sweep_folder import child_runs as _child_runs, saved_trials as _saved_trials
+from .data import load_arrays
 from .device_facts import describe
-from .pool import device_metadata, devices_started
+from .phases import mark
+from .pool import device_metadata, devices_started, find_device, launch_device
 from .journal import PLACEHOLDER
-from .mlflow_ops import MlflowWriter, is_outage, limit_http_retries
+from .mlflow_ops import MlflowWriter, limit_http_retries
 from .tracking import (PARENT_TAG, MLflowCallback, SweepTracker, check_reachable, log_device_facts,
                        resolve_tracking_uri)
 from .console import ConsoleCallback, SweepView
 from .runinfo import ended_by, pick, run_context, run_name
 from .trainable import run_trial
 from .trainspec import resolve_train
+from .trainspec import expected_trials
 from .tuning import build_param_space, build_scheduler, build_search, uses_pbt
+from . import budget as budgets
+from .fidelity import PROMOTED, FidelityInfo, at_fidelity, fidelity_plan
 
-MARKER = "physfarm_sweep.json"
 
 
 @dataclass
@@ -88,102 +92,6 @@ def _last_line(error: BaseException) -> str:
     return (lines[-1] if lines else type(error).__name__)[:300]
 
 
-def usable_cpus() -> int:
-    """The cores this process may run on (its CPU affinity: `taskset`, a batch scheduler's cpuset),
-    which is what a local Ray should offer trials; os.cpu_count() counts the whole machine."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # no affinity API on this platform
-        return os.cpu_count() or 1
-
-
-def check_trial_cpus(cfg: FarmConfig, address: str | None) -> None:
-    """A local sweep whose trials each ask for more CPUs than the local Ray will have would wait
-    forever with every trial PENDING: refuse it before anything starts. (On a cluster, --address,
-    Tune itself says which resources are missing; the cluster may still grow.)"""
-    if address:
-        return
-    have = usable_cpus()
-    if cfg.sweep.trial_cpus > have:
-        raise ConfigError(
-            f"sweep.trial_cpus: {cfg.sweep.trial_cpus:g} CPUs per trial, but the local Ray this sweep starts "
-            f"has {have} (this process's CPU affinity), so no trial could ever start; set "
-            f"sweep.trial_cpus to at most {have}, or run on a larger cluster with --address")
-
-
-def init_ray(address: str | None, lan: bool = False) -> str:
-    """Join the cluster at `address` (farm/raycluster.py: token authentication as the cluster needs
-    it), or start a local Ray for this process on 127.0.0.1 only (`lan`: on the machine's network
-    address, for lab PCs to join). Returns the address of the Ray in use."""
-    from .raycluster import current_address, join, start_local
-
-    if ray.is_initialized():
-        return current_address()
-    if address:
-        return join(address)
-    return start_local(usable_cpus(), lan=lan)
-
-
-def sweep_name(cfg: FarmConfig, name: str | None = None) -> str:
-    return name or cfg.sweep.name or "sweep"
-
-
-def storage_path(cfg: FarmConfig) -> str:
-    return str(Path(cfg.sweep.storage_path or "ray_results").expanduser().resolve())
-
-
-def config_digest(cfg: FarmConfig) -> str:
-    """What a resume must not change: the trials' search space, the data and the sweep settings."""
-    sweep = cfg.sweep.model_dump(mode="json")
-    sweep.pop("storage_path", None)
-    if sweep.get("max_failures") == 2:  # the default: digests of sweeps started before the field existed hold
-        sweep.pop("max_failures")
-    blob = json.dumps({"train": cfg.train, "data": cfg.data.model_dump(mode="json"), "sweep": sweep},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def read_marker(folder: Path) -> dict | None:
-    path = Path(folder) / MARKER
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_marker(folder: Path, **values) -> None:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    data = read_marker(folder) or {}
-    data.update(values, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    tmp = folder / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(folder / MARKER)
-
-
-def check_resumable(cfg: FarmConfig, uri: str, name: str, resume: bool) -> dict | None:
-    """Before anything starts: a resume needs the earlier sweep, its store and the same config; a new
-    sweep must not overwrite an interrupted one. Returns the marker when resuming."""
-    folder = Path(storage_path(cfg)) / name
-    marker = read_marker(folder)
-    if resume:
-        if marker is None or not tune.Tuner.can_restore(str(folder)):
-            raise ConfigError(f"--resume: no sweep '{name}' to resume in {folder.parent} "
-                              f"(sweep.name and sweep.storage_path pick it)")
-        if marker.get("tracking_uri") != uri:
-            raise ConfigError(f"--resume: sweep '{name}' was tracked in {marker.get('tracking_uri')}, not {uri}; "
-                              f"resume with --tracking-uri {marker.get('tracking_uri')}")
-        if marker.get("config_digest") != config_digest(cfg):
-            raise ConfigError(f"--resume: the config's train, data or sweep section differs from the one sweep "
-                              f"'{name}' started with; resume with the same file, or start a new sweep "
-                              f"(another sweep.name)")
-        return marker
-    if marker is not None and marker.get("status") in ("running", "interrupted"):
-        raise ConfigError(f"sweep '{name}' in {folder} did not finish ({marker.get('status')}): continue it "
-                          f"with --resume, or start a new one under another sweep.name (or delete that folder)")
-    return None
-
-
 class TrialDescription:
     """trial -> (what varies, e.g. "lr=0.03 seed=1"; its epochs): the console's and the run names'
     label of a trial (a class, not a closure: Tune pickles the callbacks holding it)."""
@@ -192,7 +100,8 @@ class TrialDescription:
         self.keys, self.devices = list(keys), list(devices)
 
     def __call__(self, trial) -> tuple[str, int | None]:
-        resolved = resolve_train(dict((trial.config or {}).get("train", {})), self.devices)
+        config = trial.config or {}
+        resolved = resolve_train(at_fidelity(dict(config.get("train", {})), config.get("fidelity")), self.devices)
         epochs = resolved.get("epochs")
         return run_name(resolved, self.keys, trial.trial_id), int(epochs) if isinstance(epochs, int) else None
 
@@ -222,9 +131,18 @@ class SweepPlan:
     devices: list[str]
     keys: list[str]  # what varies between trials (leaderboard columns, run names)
     resume_errored: bool = False
+    arrays: dict | None = None  # the data set, loaded once here for every trial (farm.data.load_arrays)
+    launched: dict = field(default_factory=dict)  # devices launched by prepare: {name: (handles, created)}
     status: SweepStatus = SweepStatus.PREPARED
     parent: str | None = None
     saved: dict = field(default_factory=dict)  # trial id -> trial, Tune's saved state after the run
+    expected: int | None = None  # trials in all, where not expected_trials(cfg) (multifidelity: screened + promoted)
+    budget: dict | None = None  # the device budget's last figures (budget_s, spent_s, remaining_s)
+
+    @property
+    def budget_spent(self) -> bool:
+        """The sweep ended because its device budget (sweep.device_budget_s) was spent."""
+        return self.budget is not None and self.budget["remaining_s"] <= 0
 
     @property
     def finished_before(self) -> bool:
@@ -235,41 +153,74 @@ class SweepPlan:
 def run_sweep(cfg: FarmConfig, address: str | None = None, tracking_uri: str | None = None,
               name: str | None = None, verbose: int = 0, resume: bool = False,
               resume_errored: bool = False, flush_wait_s: float | None = None,
-              show: bool = False, stream=None) -> SweepOutcome:
+              show: bool = False, stream=None, lan: bool = False) -> SweepOutcome:
     """Run a sweep in its phases: prepare, devices started, run, collect, finish.
+
+    Ray: the one this process is connected to, else joined at `address`, else started for this sweep
+    (`lan`: on the network address, else on 127.0.0.1 only).
 
     verbose: Tune's own tables (1) or none (0); show: physfarm's live view of the trials and devices
     on `stream` (stdout; redrawn in place on a terminal, periodic lines otherwise).
     flush_wait_s (default: tracking.flush_wait_s): how long the end of the sweep waits for a tracking
     store that is down to answer again before it leaves the kept MLflow writes in the journal
     (replayed by `physfarm report` or `--resume`)."""
-    plan = prepare(cfg, address, tracking_uri, name, resume, resume_errored)
-    with devices_started(cfg.devices):
+    plan = prepare(cfg, address, tracking_uri, name, resume, resume_errored, lan=lan)
+    mark("prepared")
+    with devices_started(cfg.devices, plan.launched):
+        mark("devices_started")
         note_devices(plan, stream)
         grid = run(plan, verbose=verbose, show=show, stream=stream)
+        mark("tune_done")
     outcome = collect(plan, grid)
-    return finish(plan, outcome, cfg.tracking.flush_wait_s if flush_wait_s is None else flush_wait_s)
+    mark("collected")
+    outcome = finish(plan, outcome, cfg.tracking.flush_wait_s if flush_wait_s is None else flush_wait_s)
+    mark("finished")
+    return outcome
 
 
 def prepare(cfg: FarmConfig, address: str | None = None, tracking_uri: str | None = None,
-            name: str | None = None, resume: bool = False, resume_errored: bool = False) -> SweepPlan:
-    """Check the store and the sweep folder, open the sweep's MLflow writer (replaying what an earlier
-    run of it kept), start or join Ray. Opens no run and starts no device."""
+            name: str | None = None, resume: bool = False, resume_errored: bool = False,
+            lan: bool = False) -> SweepPlan:
+    """Check the store and the sweep folder, then at once: start or join Ray (on a thread of its own),
+    open the sweep's MLflow writer (replaying what an earlier run of it kept) and load the data the
+    trials will share. Opens no run and starts no device."""
     uri = resolve_tracking_uri(tracking_uri, cfg.tracking.uri)
     check_reachable(uri)
     name = sweep_name(cfg, name)
     folder = Path(storage_path(cfg)) / name
     marker = check_resumable(cfg, uri, name, resume)
     limit_http_retries()
-    journal = MlflowWriter(uri, folder).open()  # the sweep's MLflow writes, its tracker's and callbacks'
-    if marker is not None:
-        _replay_before_resume(journal, marker, folder)
-    init_ray(address)
+    # Starting Ray is mostly waiting for its processes (on the other cores): the MLflow store's opening
+    # (an SQLite schema on first use) and the data's loading go on meanwhile, on a thread, instead of
+    # after it. Ray itself starts on this (the main) thread: the processes it starts are bound to the
+    # thread that starts them (they end with it), and it installs its signal handlers there.
+    def store_and_data():
+        journal = MlflowWriter(uri, folder).open()  # the sweep's MLflow writes, its tracker's and callbacks'
+        if marker is not None:
+            _replay_before_resume(journal, marker, folder)
+        return journal, load_arrays(cfg.data)
+
+    launched: dict = {}
+    with ThreadPoolExecutor(1, thread_name_prefix="physfarm-store") as pool:
+        side = pool.submit(store_and_data)
+        try:
+            init_ray(address, lan)
+            # The devices' processes start now too (waited for in run_sweep's devices_started).
+            for dev in cfg.devices:
+                if find_device(dev.name) is None:
+                    launched[dev.name] = launch_device(dev)
+            journal, arrays = side.result()  # a store that is down says so here
+        except BaseException:
+            for _handles, created in launched.values():
+                for handle in created:
+                    ray.kill(handle, no_restart=True)
+            raise
     keys = _sampled_keys(cfg)
     context = run_context(cfg, keys, cfg.tracking.user)
     return SweepPlan(cfg=cfg, name=name, uri=uri, folder=folder, marker=marker, journal=journal,
                      tracker=SweepTracker(journal, cfg.tracking.experiment, name, context), context=context,
-                     devices=[d.name for d in cfg.devices], keys=keys, resume_errored=resume_errored)
+                     devices=[d.name for d in cfg.devices], keys=keys, resume_errored=resume_errored,
+                     arrays=arrays, launched=launched)
 
 
 def note_devices(plan: SweepPlan, stream=None) -> None:
@@ -288,17 +239,53 @@ def run(plan: SweepPlan, verbose: int = 0, show: bool = False, stream=None):
     try:
         _open_parent(plan)
         log_device_facts(plan.journal, plan.parent, plan.context.get("device_facts") or {})
-        tuner = _tuner(plan, verbose, show, stream)
+        _start_budget(plan)
+        mark("tune_start")
         plan.status = SweepStatus.RUNNING
-        grid = tuner.fit()
-        plan.saved = _saved_trials(plan.folder)
-        plan.status = SweepStatus.INTERRUPTED if _stopped_early(plan, len(grid)) else SweepStatus.FINISHED
+        if fidelity_plan(plan.cfg) is not None:
+            from .fidelity_run import run_phases
+
+            grid = run_phases(plan, lambda **kw: _tuner(plan, verbose, show, stream, **kw))
+        else:
+            grid = _tuner(plan, verbose, show, stream).fit()
+            plan.saved = _saved_trials(plan.folder)
+        plan.budget = budgets.budget_figures(plan.name) if plan.cfg.sweep.device_budget_s else None
+        ended = plan.budget_spent or not _stopped_early(plan, len(grid))
+        plan.status = SweepStatus.FINISHED if ended else SweepStatus.INTERRUPTED
         return grid
     except BaseException:
         plan.status = SweepStatus.INTERRUPTED if plan.status is SweepStatus.RUNNING else SweepStatus.FAILED
         raise
     finally:
+        _end_budget(plan, stream)
         _record_unfinished(plan)
+
+
+def _start_budget(plan: SweepPlan) -> None:
+    """The sweep's device budget actor (sweep.device_budget_s); a resume goes on from what the
+    sweep's earlier runs spent (its marker)."""
+    total = plan.cfg.sweep.device_budget_s
+    if not total:
+        return
+    before = float((plan.marker or {}).get("device_s_spent", 0.0) or 0.0)
+    budgets.start_budget(plan.name, total, plan.devices, [f"{plan.name}/", f"{plan.name}.{PROMOTED}/"], before)
+
+
+def _end_budget(plan: SweepPlan, stream=None) -> None:
+    """Record what the sweep spent (marker: a resume's starting point; parent run), say it, stop the actor."""
+    if not plan.cfg.sweep.device_budget_s:
+        return
+    figures = budgets.budget_figures(plan.name) or plan.budget
+    budgets.stop_budget(plan.name)
+    if figures is None:
+        return
+    plan.budget = figures
+    write_marker(plan.folder, device_s_spent=figures["spent_s"], budget_spent=figures["remaining_s"] <= 0)
+    if plan.parent:
+        budgets.log_budget(plan.journal, plan.parent, figures, int(figures["spent_s"]))
+        plan.journal.call("set_tag", run=plan.parent, key="physfarm.budget_spent",
+                          value=str(figures["remaining_s"] <= 0).lower())
+    print(f"physfarm: sweep '{plan.name}': {budgets.budget_line(figures)}", file=stream or sys.stdout, flush=True)
 
 
 def collect(plan: SweepPlan, grid) -> SweepOutcome:
@@ -316,6 +303,8 @@ def collect(plan: SweepPlan, grid) -> SweepOutcome:
         recurring = ended_by(result.metrics)
         status = "ERROR" if result.error or recurring else \
             plan.saved[trial_id].status if outcome.interrupted and trial_id in plan.saved else "TERMINATED"
+        if plan.budget_spent and not result.metrics and status == "TERMINATED":
+            status = "STOPPED"  # never started: the device budget was spent first
         outcome.rows.append(TrialRow(
             trial_id=trial_id,
             config={k: pick(resolved, k) for k in plan.keys},
@@ -376,37 +365,50 @@ def _open_parent(plan: SweepPlan) -> None:
                  status=SweepStatus.RUNNING.value)
 
 
-def _tuner(plan: SweepPlan, verbose: int, show: bool, stream):
+def _tuner(plan: SweepPlan, verbose: int, show: bool, stream, *, folder: Path | None = None, restore: bool | None = None,
+           param_space: dict | None = None, scheduler=None, num_samples: int | None = None,
+           search=None, fidelity: FidelityInfo | None = None, title: str | None = None):
     """The Tune run: restored from the sweep folder on a resume (its callbacks come back from Tune's
-    state and find the sweep's writer by its folder), else new, with the MLflow callback and, when
-    shown, the console."""
-    cfg, storage = plan.cfg, str(plan.folder.parent)
+    state and find the sweep's writer by its folder), else new, with the MLflow callback, the device
+    budget's stopper and callback when the sweep has one, and, when shown, the console.
+
+    The multifidelity strategy (farm.fidelity_run) runs two: the keywords give the second one's
+    folder, search space, scheduler and what its MLflow runs say of their fidelities."""
+    cfg = plan.cfg
+    folder = folder or plan.folder
+    budgeted = bool(cfg.sweep.device_budget_s)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=cfg.data.model_dump(mode="json"), devices=plan.devices,
-                             pbt=uses_pbt(cfg), user=plan.context["user"], metric=cfg.sweep.metric),
+                             pbt=uses_pbt(cfg), user=plan.context["user"], metric=cfg.sweep.metric,
+                             budget=plan.name if budgeted else None, arrays=plan.arrays),
         {"cpu": cfg.sweep.trial_cpus},
     )
-    if plan.marker is not None:
-        return tune.Tuner.restore(str(plan.folder), trainable, resume_unfinished=True,
+    if restore if restore is not None else plan.marker is not None:
+        return tune.Tuner.restore(str(folder), trainable, resume_unfinished=True,
                                   resume_errored=plan.resume_errored)
     sched = cfg.sweep.scheduler
     watch = [k for k in _leaf_paths(sched.hyperparam_mutations or {})] if uses_pbt(cfg) else []
     callbacks = [MLflowCallback(plan.journal, plan.tracker.experiment_id, plan.parent, plan.name, plan.devices,
-                                watch, plan.context)]
+                                watch, plan.context, fidelity=fidelity)]
+    view = SweepView(title or f"sweep '{plan.name}'")
     if show:
-        callbacks.append(ConsoleCallback(SweepView(f"sweep '{plan.name}'"), plan.devices,
-                                         TrialDescription(plan.keys, plan.devices),
+        callbacks.append(ConsoleCallback(view, plan.devices, TrialDescription(plan.keys, plan.devices),
                                          writer=plan.journal, parent_run=plan.parent, stream=stream))
+    if budgeted:
+        callbacks.append(budgets.BudgetCallback(plan.name, plan.journal, plan.parent, view if show else None))
     return tune.Tuner(
         trainable,
-        param_space=build_param_space(cfg),
+        param_space=param_space if param_space is not None else build_param_space(cfg),
         tune_config=tune.TuneConfig(
-            metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=cfg.sweep.num_samples,
-            max_concurrent_trials=cfg.sweep.max_concurrent_trials, search_alg=build_search(cfg),
-            scheduler=build_scheduler(cfg), reuse_actors=True,
+            metric=cfg.sweep.metric, mode=cfg.sweep.mode,
+            num_samples=num_samples if num_samples is not None else cfg.sweep.num_samples,
+            max_concurrent_trials=cfg.sweep.max_concurrent_trials,
+            search_alg=build_search(cfg) if param_space is None else search,
+            scheduler=scheduler if param_space is not None else build_scheduler(cfg), reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name=plan.name, storage_path=storage, callbacks=callbacks, verbose=verbose,
+            name=folder.name, storage_path=str(folder.parent), callbacks=callbacks, verbose=verbose,
+            stop=budgets.BudgetStopper(plan.name) if budgeted else None,
             # A trial whose worker fails or dies is retried from its last checkpoint.
             failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
             # PBT clones other trials' checkpoints: keep them all (Tune warns about <= 2).
@@ -456,60 +458,15 @@ def _end_journal(journal, name: str, wait_s: float, folder: Path) -> int:
     return journal.pending
 
 
-def _child_runs(tracker, journal) -> dict:
-    """{trial id: child run id}; while the store is down, the runs this process knows (placeholders
-    for runs created during the outage: a kept write naming one gets its real id on replay)."""
-    known = {tid: journal.resolve(run) for tid, run in journal.trial_runs.items()}
-    if journal.pending:
-        return known
-    try:
-        return {**known, **{r.data.tags.get("physfarm.trial_id"): r.info.run_id for r in tracker.children()}}
-    except Exception as err:  # noqa: BLE001
-        if not is_outage(err):
-            raise
-        return known
-
-
-def expected_trials(cfg: FarmConfig) -> int:
-    """How many trials the sweep runs in all (grid points times samples; Optuna: num_samples)."""
-    import math
-
-    from .space import is_sampler, samplers
-    from .trainspec import for_method, methods_of
-
-    n = cfg.sweep.num_samples
-    if cfg.sweep.search != "default":
-        return n
-
-    def grid_points(section: dict) -> int:
-        return math.prod(len(args) for form, args in samplers(section, "train").values() if form == "grid")
-
-    value = cfg.train.get("method")
-    if is_sampler(value) and "grid" in value:
-        return n * sum(grid_points(for_method(cfg.train, m)) for m in methods_of(cfg.train))
-    return n * grid_points(cfg.train)
-
-
 def _stopped_early(plan: SweepPlan, seen: int) -> bool:
     """Did Tune stop before every trial ended (Ctrl-C, SIGTERM)? Tune's last saved experiment state
     tells (its live trial objects are cleaned up by now); trials never created count too."""
-    expected = expected_trials(plan.cfg)
+    expected = plan.expected if plan.expected is not None else expected_trials(plan.cfg)
     if seen < expected:
         return True
     if not plan.saved:  # no readable state: take it that it ended
         return False
     return len(plan.saved) < expected or any(t.status not in ("TERMINATED", "ERROR") for t in plan.saved.values())
-
-
-def _saved_trials(folder: Path) -> dict:
-    """{trial id: trial} from Tune's last saved experiment state (public ExperimentAnalysis): each
-    trial's status (PENDING/RUNNING/PAUSED: unfinished) and result folder; {} when none is readable."""
-    from ray.tune import ExperimentAnalysis
-
-    try:
-        return {t.trial_id: t for t in ExperimentAnalysis(str(folder)).trials}
-    except Exception:  # noqa: BLE001 - no readable state
-        return {}
 
 
 def _leaf_paths(node: dict, prefix: str = "") -> list[str]:

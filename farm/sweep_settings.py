@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 TIME_ATTRS = ("training_iteration", "epoch", "device_s_total", "device_s", "time_total_s")
 ASHA_FIELDS = ("max_t", "grace_period", "reduction_factor", "brackets")
+FIDELITY_FIELDS = ("screen", "promote", "keep", "screen_epochs", "fidelity1_epochs")  # defaults: farm.fidelity
 PBT_FIELDS = ("perturbation_interval", "burn_in_period", "hyperparam_mutations", "quantile_fraction",
               "resample_probability", "synch")
 OPTUNA_EXTRA = "pip install 'physfarm[optuna]' (or: pip install optuna)"
@@ -26,7 +27,7 @@ class SchedulerSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["asha", "pbt"]
+    kind: Literal["asha", "pbt", "multifidelity"]
     time_attr: Literal["training_iteration", "epoch", "device_s_total", "device_s", "time_total_s"] = Field(
         default="training_iteration",
         description="what a trial's progress is measured in: epochs (training_iteration or epoch), "
@@ -38,6 +39,23 @@ class SchedulerSettings(BaseModel):
     grace_period: float | None = Field(default=None, gt=0, description="asha: no trial stops before (default 1)")
     reduction_factor: float | None = Field(default=None, gt=1, description="asha: keep 1/this per rung (default 4)")
     brackets: int | None = Field(default=None, ge=1, le=16, description="asha: brackets (default 1)")
+    # multifidelity (farm.fidelity): screen in silico, promote to PAT on the device, ASHA on device_s
+    screen: int | None = Field(default=None, ge=1, le=100_000,
+                               description="multifidelity: configurations trained in silico on the twin "
+                               "(fidelity 0; default: all the search space gives)")
+    promote: int | None = Field(default=None, ge=1, le=100_000,
+                                description="multifidelity: the best screened, by validation accuracy "
+                                "measured on the device, promoted to PAT on the device (fidelity 1)")
+    keep: int | None = Field(default=None, ge=1, le=100_000,
+                             description="multifidelity: of the promoted, about this many are kept by "
+                             "ASHA on device seconds to full PAT (fidelity 2); sets reduction_factor = "
+                             "promote / keep")
+    screen_epochs: int | None = Field(default=None, ge=1, le=100_000,
+                                      description="multifidelity: in-silico epochs (default: train.epochs)")
+    fidelity1_epochs: float | None = Field(
+        default=None, gt=0, le=100_000, description="multifidelity: PAT epochs every promoted trial gets "
+        "before ASHA compares them (its grace_period, in device seconds, is this many epochs as the "
+        "screen measured them; grace_period given instead sets it in seconds)")
     # PBT
     perturbation_interval: float | None = Field(default=None, gt=0,
                                                 description="pbt: exploit/explore every this much time_attr")
@@ -109,11 +127,17 @@ def check_sweep(cfg: "FarmConfig") -> dict[str, tuple[str, list]]:
     if sched is None:
         return {}
     where = "sweep.scheduler"
-    wrong = PBT_FIELDS if sched.kind == "asha" else ASHA_FIELDS
-    for field in wrong:
-        if getattr(sched, field) is not None:
+    own = {"asha": ASHA_FIELDS, "pbt": PBT_FIELDS,
+           "multifidelity": FIDELITY_FIELDS + ("max_t", "grace_period")}[sched.kind]
+    for field in ASHA_FIELDS + PBT_FIELDS + FIDELITY_FIELDS:
+        if field not in own and getattr(sched, field) is not None:
             raise ConfigError(f"{where}.{field}: not a setting of kind '{sched.kind}'; its settings: "
-                              f"time_attr, {', '.join(ASHA_FIELDS if sched.kind == 'asha' else PBT_FIELDS)}")
+                              f"time_attr, {', '.join(own)}")
+    if sched.kind == "multifidelity":
+        from .fidelity import check_fidelity
+
+        check_fidelity(cfg)
+        return {}
     if sched.kind == "asha":
         if sched.time_attr in ("device_s_total", "device_s", "time_total_s") and sched.max_t is None:
             raise ConfigError(f"{where}.max_t: required when time_attr is {sched.time_attr} "

@@ -17,8 +17,6 @@ import json
 import os
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +25,10 @@ from mlflow.entities import RunStatus
 from ray import tune
 
 from .device_facts import fact_tags
-from .errors import ConfigError
+from .fidelity import fidelity_tags
 from .journal import PLACEHOLDER
 from .mlflow_ops import MlflowWriter, is_outage, sqlite_path  # noqa: F401 - sqlite_path: read here by report
+from .tracking_uri import check_reachable, resolve_tracking_uri  # noqa: F401 - re-exported
 from .runinfo import dataset_input, device_params, ended_by, pick, run_name
 
 # Keys Tune adds to every result; they are bookkeeping, not training metrics.
@@ -41,42 +40,6 @@ TUNE_KEYS = {
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "physfarm.trial_id"
 SWEEP_TAG = "physfarm.sweep"
-
-
-def resolve_tracking_uri(cli_uri: str | None = None, config_uri: str | None = None,
-                         workdir: str | Path | None = None) -> str:
-    """--tracking-uri, else MLFLOW_TRACKING_URI, else the config's, else ./mlflow.db as SQLite.
-
-    SQLite paths are made absolute (MLflow 3 needs that); MLflow's file store is refused.
-    """
-    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or config_uri
-    base = Path(workdir or os.getcwd()).resolve()
-    if not uri:
-        return f"sqlite:///{base / 'mlflow.db'}"
-    if uri.startswith(("http://", "https://", "postgresql", "mysql", "mssql", "databricks")):
-        return uri
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        return f"sqlite:///{(base / path).resolve()}" if not path.startswith("/") else uri
-    if uri.startswith("file:") or "://" not in uri:
-        raise ConfigError(
-            f"tracking.uri: '{uri}' is a file store, which MLflow 3 refuses; use "
-            f"'sqlite:///{base / 'mlflow.db'}' or an http:// tracking server"
-        )
-    raise ConfigError(f"tracking.uri: unsupported scheme in '{uri}'; use sqlite:////abs/path.db or http://host:port")
-
-
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail before any trial starts if an http tracking server does not answer."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
-            resp.read()
-    except (urllib.error.URLError, OSError) as err:
-        raise ConnectionError(
-            f"MLflow tracking server {uri} is unreachable ({err}); start it or pass another --tracking-uri"
-        ) from None
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -286,8 +249,10 @@ class MLflowCallback(tune.Callback):
     """
 
     def __init__(self, writer: MlflowWriter, experiment_id: str, parent_run_id: str, sweep_name: str,
-                 devices: list[str] | None = None, watch: list[str] | None = None, context: dict | None = None):
+                 devices: list[str] | None = None, watch: list[str] | None = None, context: dict | None = None,
+                 fidelity=None):
         self.uri = writer.uri
+        self.fidelity = fidelity  # farm.fidelity.FidelityInfo: the multifidelity strategy's runs say their fidelities
         self.journal_dir = str(writer.folder)  # where a callback no one hands a writer opens its own
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -299,6 +264,10 @@ class MLflowCallback(tune.Callback):
         self._runs: dict[str, str] = {}
         self._done: set[str] = set()
         self._restarts: dict[str, int] = {}
+        # Handed a parent run this sweep has just opened, no trial has a run yet: a trial's run is made
+        # without first searching the store for it (a search per trial over a growing experiment).
+        # Unpickled (a resume), every trial is looked up first.
+        self._fresh = True
 
     @property
     def writer(self) -> MlflowWriter:
@@ -312,13 +281,13 @@ class MLflowCallback(tune.Callback):
 
     def __getstate__(self):  # Tune pickles callbacks (experiment state); the writer holds a lock and a client
         state = dict(self.__dict__)
-        state.update(_writer=None, _runs={}, _done=set(), _restarts={})
+        state.update(_writer=None, _runs={}, _done=set(), _restarts={}, _fresh=False)
         return state
 
     def __setstate__(self, state):  # a sweep started by an older version may lack newer fields
-        self.__dict__.update({"devices": [], "watch": [], "context": {}, "_writer": None, "_runs": {},
+        self.__dict__.update({"devices": [], "watch": [], "context": {}, "_writer": None, "_runs": {}, "fidelity": None,
                               "journal_dir": None,
-                              "_done": set(), "_restarts": {}})
+                              "_done": set(), "_restarts": {}, "_fresh": False})
         self.__dict__.update({k: v for k, v in state.items() if k not in ("_client", "_mem")})  # older fields
 
     def _existing_run(self, trial_id: str):
@@ -335,7 +304,9 @@ class MLflowCallback(tune.Callback):
         if tid not in self._runs:
             w = self.writer
             found = lookup_failed = None
-            if not w.pending and not self.parent_run_id.startswith(PLACEHOLDER):
+            if self._fresh:  # a new sweep: nothing to find
+                found = None
+            elif not w.pending and not self.parent_run_id.startswith(PLACEHOLDER):
                 try:
                     found = self._existing_run(tid)
                 except Exception as err:  # noqa: BLE001 - the store is down: find-or-create on replay
@@ -356,9 +327,10 @@ class MLflowCallback(tune.Callback):
         return self._runs[tid]
 
     def _resolved(self, trial) -> dict:
+        from .fidelity import at_fidelity
         from .trainspec import resolve_train, resolved_config
 
-        train = dict(trial.config.get("train", {}))
+        train = at_fidelity(dict(trial.config.get("train", {})), trial.config.get("fidelity"))
         try:
             return resolved_config(train, self.devices)
         except Exception:  # noqa: BLE001 - the trial reports the error itself
@@ -397,8 +369,9 @@ class MLflowCallback(tune.Callback):
             value = pick(trial.config.get("train", {}), path)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 watched[f"hp.{path}"] = float(value)
+        tags = [[k, v] for k, v in fidelity_tags(self.fidelity, dict(trial.config.get("train", {})), result).items()]
         self.writer.call("log_batch", run=run_id, metrics=epoch_rows(result, step, watched),
-                         params=constant_params(result))
+                         params=constant_params(result), **({"tags": tags} if tags else {}))
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         """The trial's worker failed or died and Tune retries it from its last checkpoint (max_failures):

@@ -3,7 +3,7 @@ reporting without Tune).
 
 Per epoch a trainer calls `report(metrics, state)`; the adapter adds this training's device
 accounting (cumulative over the whole training, also across restores: `device_s_total`,
-`queue_wait_s_total`, `device_requests_total`) and writes a checkpoint folder:
+`queue_wait_s_total`, `device_requests_total`, `device_rows_total`) and writes a checkpoint folder:
   state.pt          everything the trainer needs to resume (tune.get_checkpoint() restores it)
   params.npz        trained theta and digital weights, for people
   twin.pt           the trainer's twin, when its state has one
@@ -20,24 +20,22 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import torch
-from ray import tune
-
 from actors.errors import QuotaExceededError
-from trainers.registry import method, retune_state
 
-from .client import DeviceClient
-from .data import DataConfig, load_dataset
+from .fidelity import at_fidelity
+from .phases import mark
 from .runinfo import ERROR_KEY
 from .trainspec import resolve_train
 
 # The trial's running totals (the metric names end in _total; every other counter is per epoch).
-ACCOUNTING = ("device_s_total", "queue_wait_s_total", "device_requests_total")
+ACCOUNTING = ("device_s_total", "queue_wait_s_total", "device_requests_total", "device_rows_total")
 
 
 def save_checkpoint_dir(folder: Path, state: dict, accounting: dict | None = None,
                         predictions: tuple | None = None, metrics: dict | None = None, data=None) -> None:
+    import numpy as np
+    import torch
+
     folder = Path(folder)
     if predictions is not None and data is not None:  # the final checkpoint: what the MLflow model needs
         shape = data.shape
@@ -61,8 +59,10 @@ def save_checkpoint_dir(folder: Path, state: dict, accounting: dict | None = Non
         (folder / "accounting.json").write_text(json.dumps(accounting))
 
 
-def load_checkpoint(checkpoint: tune.Checkpoint | None) -> tuple[dict | None, dict]:
+def load_checkpoint(checkpoint: "tune.Checkpoint | None") -> tuple[dict | None, dict]:  # noqa: F821
     """(the trainer's state, the device accounting at the checkpoint)."""
+    import torch
+
     if checkpoint is None:
         return None, {}
     with checkpoint.as_directory() as folder:
@@ -77,6 +77,8 @@ def test_predictions(data, state: dict | None) -> tuple | None:
     pred = (state or {}).get("test_predictions")
     if pred is None:
         return None
+    import torch
+
     return data.y_test.numpy().astype("int64"), torch.as_tensor(pred).to(torch.int64).numpy()
 
 
@@ -86,11 +88,14 @@ def trial_devices(train_cfg) -> list[str]:
     return list(dict.fromkeys(n for n in names if n is not None))
 
 
-def connect_devices(train_cfg, client_id: str, user: str | None = None):
+def connect_devices(train_cfg, client_id: str, user: str | None = None, budget=None):
     """A connected DeviceClient for the trial's device, or {name: client} when it uses several.
-    Its requests carry `client_id` (the trial or run) and `user` (the person)."""
+    Its requests carry `client_id` (the trial or run) and `user` (the person); `budget` (a
+    farm.budget.BudgetGate) is asked before each device call."""
+    from .client import DeviceClient
+
     names = trial_devices(train_cfg)
-    clients = {n: DeviceClient(n, client_id=client_id, user=user).connect() for n in names}
+    clients = {n: DeviceClient(n, client_id=client_id, user=user, budget=budget).connect() for n in names}
     return clients[names[0]] if len(clients) == 1 else clients
 
 
@@ -108,11 +113,13 @@ class EpochReporter:
         self.data = data
         self.sink = sink
         self.total = {k: float((accounting or {}).get(k, 0.0)) for k in ACCOUNTING}  # from the checkpoint
+        self.last_metrics: dict | None = None  # the last report's, as handed on
         self.last = self._usage()  # the actor may have served this client before (a restore)
 
     def _usage(self) -> dict:
         """This trial's use of its devices so far, summed over them."""
-        out = {"device_s_total": 0.0, "queue_wait_s_total": 0.0, "device_requests_total": 0.0}
+        out = {"device_s_total": 0.0, "queue_wait_s_total": 0.0, "device_requests_total": 0.0,
+               "device_rows_total": 0.0}
         for device in self.devices:
             try:
                 u = device.client_stats()
@@ -121,6 +128,7 @@ class EpochReporter:
             out["device_s_total"] += float(u.get("device_s", 0.0))
             out["queue_wait_s_total"] += float(u.get("wait_s", 0.0))
             out["device_requests_total"] += float(u.get("requests", 0.0))
+            out["device_rows_total"] += float(u.get("rows", 0.0))
         return out
 
     def _advance(self) -> dict:
@@ -135,12 +143,14 @@ class EpochReporter:
         return dict(self.total)
 
     def __call__(self, metrics: dict, state: dict | None) -> None:
+        mark("epoch", epoch=metrics.get("epoch"))
         predictions = test_predictions(self.data, state)
         accounting = self._advance()
         # Requests this trial's process retried (actor restarts, full queues, device faults): the
         # sweep's console sums them.
         retried = sum(int(getattr(d, "retried", 0) or 0) for d in self.devices)
         metrics = dict(metrics, **accounting, device_retries=retried)
+        self.last_metrics = metrics
         with tempfile.TemporaryDirectory() as folder:
             if state is not None:
                 save_checkpoint_dir(Path(folder), state, accounting, predictions, metrics, self.data)
@@ -155,16 +165,36 @@ RECURRING = (ValueError, QuotaExceededError)
 
 
 def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: bool = False,
-              user: str | None = None, metric: str | None = None) -> None:
+              user: str | None = None, metric: str | None = None, budget: str | None = None,
+              arrays: dict | None = None) -> None:
     """Tune trainable: validate this trial's train config, find the device once, train, report.
+
+    `arrays`: the data set as the driver loaded it (farm.data.load_arrays); without it the trial loads
+    `data` itself.
 
     A recurring error (RECURRING) is reported as the trial's last result, {ERROR_KEY: message, metric:
     NaN, device_s_total: ...}, and the trial returns: it ends once, recorded as failed by physfarm's
     callbacks and summary, where raising would have Tune retry it (and fail the same way) max_failures
-    times. Any other error is raised: Tune retries it from the last checkpoint."""
+    times. Any other error is raised: Tune retries it from the last checkpoint.
+
+    budget: the sweep whose device budget (farm.budget) each device call is checked against; once it
+    is spent the trial stops where it is and ends normally with what it reported and checkpointed."""
+    from ray import tune
+
+    from .budget import BudgetExhaustedError
+
+    mark("trial_start", trial=tune.get_context().get_trial_id())
     used = {"device_s_total": 0.0}
     try:
-        _run_trial(config, data, devices, pbt, used, user)
+        _run_trial(config, data, devices, pbt, used, user, budget, arrays)
+        mark("trial_end")
+    except BudgetExhaustedError:
+        # Stopped mid-epoch by the sweep's budget: its last report again, with the device seconds it
+        # used since (what the trial spent in all), so the run and the leaderboard count them.
+        reporter = used.get("reporter")
+        if reporter is not None and reporter.last_metrics is not None:
+            tune.report({**reporter.last_metrics, **reporter._advance(), "budget_stopped": 1})
+        return
     except RECURRING as err:
         lines = [ln for ln in str(err).splitlines() if ln.strip()] or [""]
         tune.report({ERROR_KEY: f"{type(err).__name__}: {lines[-1]}", **({metric: float("nan")} if metric else {}),
@@ -172,15 +202,23 @@ def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: b
 
 
 def _run_trial(config: dict, data: dict, devices: list[str] | None, pbt: bool, used: dict,
-               user: str | None = None) -> None:
-    train = resolve_train(dict(config["train"]), list(devices or []))
+               user: str | None = None, budget: str | None = None, arrays: dict | None = None) -> None:
+    from ray import tune
+
+    from trainers.registry import method, retune_state
+
+    from .budget import BudgetGate
+    from .data import DataConfig, dataset_from, load_dataset
+
+    # the multifidelity strategy's screen trains the same network in silico (farm.fidelity)
+    train = resolve_train(at_fidelity(dict(config["train"]), config.get("fidelity")), list(devices or []))
     name = str(train.get("method", "pat"))
     m = method(name)
     train_cfg = m.config_class.model_validate(train)
     ctx = tune.get_context()
     client_id = f"{ctx.get_experiment_name()}/{ctx.get_trial_id()}"
-    device = connect_devices(train_cfg, client_id, user)
-    dataset = load_dataset(DataConfig(**data))
+    device = connect_devices(train_cfg, client_id, user, BudgetGate(budget) if budget else None)
+    dataset = dataset_from(arrays) if arrays is not None else load_dataset(DataConfig(**data))
     checkpoint = tune.get_checkpoint()
     state, accounting = load_checkpoint(checkpoint)
     # Under PBT a checkpoint past the last epoch is another trial's, cloned in at the end (exploit):
@@ -202,6 +240,8 @@ def _run_trial(config: dict, data: dict, devices: list[str] | None, pbt: bool, u
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
 
     reporter = EpochReporter(device, name, train_cfg, dataset, sink, accounting)
+    used["reporter"] = reporter
+    mark("trial_ready", trial=ctx.get_trial_id())
     try:
         m.train(train_cfg, device, dataset, report=reporter, state=state)
     finally:

@@ -17,7 +17,7 @@ A section's values may be search spaces too. Sections of methods the sweep never
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -25,6 +25,9 @@ from trainers.registry import METHODS, method
 
 from .errors import ConfigError, format_validation_error
 from .space import FORMS, is_sampler, representatives, samplers, substitute
+
+if TYPE_CHECKING:
+    from .config import FarmConfig
 
 DEFAULT_METHOD = "pat"
 
@@ -205,3 +208,22 @@ def check_train(train: dict, devices: list[str], extra: dict[str, tuple[str, lis
     mixed = len(names) > 1
     for concrete in cases(train, extra):
         validate_train(concrete, devices, mixed)
+
+
+def expected_trials(cfg: "FarmConfig") -> int:
+    """How many trials the sweep runs in all (grid points times samples; Optuna: num_samples)."""
+    import math
+
+    from .space import is_sampler, samplers
+
+    n = cfg.sweep.num_samples
+    if cfg.sweep.search != "default":
+        return n
+
+    def grid_points(section: dict) -> int:
+        return math.prod(len(args) for form, args in samplers(section, "train").values() if form == "grid")
+
+    value = cfg.train.get("method")
+    if is_sampler(value) and "grid" in value:
+        return n * sum(grid_points(for_method(cfg.train, m)) for m in methods_of(cfg.train))
+    return n * grid_points(cfg.train)

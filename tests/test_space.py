@@ -142,7 +142,7 @@ def test_optuna_refuses_grids_and_names_the_extra_when_missing(monkeypatch):
     ({"scheduler": {"kind": "asha", "time_attr": "wallclock"}}, "sweep.scheduler.time_attr", "device_s"),
     ({"scheduler": {"kind": "asha", "perturbation_interval": 2}}, "sweep.scheduler.perturbation_interval",
      "not a setting of kind 'asha'"),
-    ({"scheduler": {"kind": "hyperband"}}, "sweep.scheduler.kind", "'asha' or 'pbt'"),
+    ({"scheduler": {"kind": "hyperband"}}, "sweep.scheduler.kind", "'pbt' or 'multifidelity'"),
     ({"max_trials_per_device": {"osc3": 1}}, "sweep.max_trials_per_device.osc3", "not a configured device"),
     ({"max_trials_per_device": 0}, "sweep.max_trials_per_device", "at least 1"),
     # found by the config fuzz: a null cap gave pydantic's two union-member errors in one line

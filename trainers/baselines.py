@@ -121,7 +121,7 @@ def digital_network(config: DigitalConfig, device, shape) -> MLP:
     return MLP(shape.n_features, hidden, config.depth, shape.n_classes)
 
 
-def digital_optimizers(model: MLP, config: DigitalConfig) -> dict[str, torch.optim.Optimizer]:
+def digital_optimizers(model: MLP, config: DigitalConfig) -> dict:
     opt = make_optimizer(config.optimizer, model.parameters(), config.lr)
     if config.weight_decay:
         for group in opt.param_groups:

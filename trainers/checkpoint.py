@@ -19,7 +19,7 @@ import copy
 import torch
 
 
-def training_state(model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer], gen: torch.Generator,
+def training_state(model: torch.nn.Module, optimizers: dict, gen: torch.Generator,
                    history: list[dict], epoch: int, selection, config, weights: dict | None = None,
                    **extra) -> dict:
     """A snapshot (later epochs never change it) of one epoch's training state."""
@@ -35,7 +35,7 @@ def training_state(model: torch.nn.Module, optimizers: dict[str, torch.optim.Opt
     })
 
 
-def restore(state: dict | None, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer],
+def restore(state: dict | None, model: torch.nn.Module, optimizers: dict,
             gen: torch.Generator) -> tuple[list[dict], int]:
     """Load a checkpointed state in place; returns (history so far, last finished epoch). The
     optimizers' states hold their scheduled learning rates too. No state: ([], 0)."""

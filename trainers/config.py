@@ -189,6 +189,10 @@ class PATConfig(TrainerConfig):
                          "rescaling) between the physical layers: a hybrid physical-digital network")
     twin: TwinConfig = Field(default_factory=TwinConfig,
                              description="the digital twin for the backward pass (a kind name or a mapping)")
+    init_from: str | None = Field(
+        default=None, description="warm start: a checkpoint folder (holding state.pt) or a state.pt file of "
+        "the same network, e.g. an in-silico training's; training starts from its weights selected by "
+        "validation (readout choice and rescalings included), with a fresh optimizer and epoch count")
 
     @model_validator(mode="after")
     def _window(self) -> "PATConfig":
@@ -226,6 +230,11 @@ class InSilicoConfig(PATConfig):
     evaluated on the device; the gap to PAT is the simulation-reality gap."""
 
     method: Literal["insilico"] = "insilico"  # type: ignore[assignment]
+    device_val: Literal["every_epoch", "selected"] = Field(
+        default="every_epoch", description="every_epoch: the validation split is measured on the device each "
+        "epoch and selects the checkpoint; selected: epochs are selected on the twin's validation accuracy and "
+        "the device measures the validation split once, on the selected weights, after the last epoch (one "
+        "device pass in all: the multifidelity sweep's screen)")
 
 
 class DigitalConfig(TrainerConfig):

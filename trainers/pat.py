@@ -156,9 +156,9 @@ class OnTwin:
 
     def end_epoch(self, run: PNNRun, epoch: int, data: Dataset, config: PATConfig) -> dict:
         run.model.eval()
-        twin_acc = evaluate(run.model, data.x_val, data.y_val, config.eval_batch_size)[0]
+        twin_acc, twin_loss = evaluate(run.model, data.x_val, data.y_val, config.eval_batch_size)
         run.on_device()
-        return {"val_accuracy_twin": twin_acc}
+        return {"val_accuracy_twin": twin_acc, "val_loss_twin": twin_loss}
 
 
 def _train(config: PATConfig, device, data: Dataset, report: Report | None, state: dict | None,
@@ -170,7 +170,18 @@ def _train(config: PATConfig, device, data: Dataset, report: Report | None, stat
     twin_fit_calls = run.obtain_twins()  # twin measurements before the first epoch
     model = run.build(config, data.shape, gen)
     setup = (run.calls(), run.rows())  # the calibration's calls count in the first epoch's device_calls
-    if state is None:
+    warm = load_init(config.init_from) if state is None and config.init_from else None
+    if warm is not None:
+        # Warm start: the other training's selected weights, its readout choice (a buffer) and
+        # rescalings included; no calibration batch is measured (it would overwrite them).
+        try:
+            model.load_state_dict(selected_weights(warm))
+        except RuntimeError as err:
+            raise ValueError(f"init_from: {config.init_from} holds another network's weights ({err}); "
+                             f"warm-start from a training with the same layers and data") from None
+        last = (warm.get("history") or [{}])[-1]
+        readout_facts = {k: last[k] for k in ("readout_outputs", "dead_outputs") if k in last}
+    elif state is None:
         # One calibration batch, measured where the network will train: which outputs are read (and
         # which never vary: a dead channel is never read silently), then the rescalings if asked.
         mode.prepare(run)
@@ -212,8 +223,12 @@ def _train(config: PATConfig, device, data: Dataset, report: Report | None, stat
             correct += int((logits.argmax(1) == yb).sum())
         extra = mode.end_epoch(run, epoch, data, config)
         model.eval()
-        val_acc, val_loss = evaluate(model, data.x_val, data.y_val, config.eval_batch_size)  # on the device
-        selection.offer(epoch, val_acc, val_loss, model.state_dict())
+        if getattr(config, "device_val", "every_epoch") == "selected":
+            val_acc, val_loss, chosen = _select_on_twin(model, selection, epoch, extra, data, config)
+        else:
+            val_acc, val_loss = evaluate(model, data.x_val, data.y_val, config.eval_batch_size)  # on the device
+            selection.offer(epoch, val_acc, val_loss, model.state_dict())
+            chosen = selection.metrics()
         metrics = {
             "epoch": epoch,
             "loss": total_loss / n,
@@ -221,7 +236,7 @@ def _train(config: PATConfig, device, data: Dataset, report: Report | None, stat
             "train_accuracy": correct / n,
             "val_accuracy": val_acc,  # on the device
             "val_loss": val_loss,
-            **selection.metrics(),
+            **chosen,
             "epoch_s": time.monotonic() - t0,
             "device_calls": run.calls() - calls0,
             "device_rows": run.rows() - rows0,
@@ -264,6 +279,23 @@ def _train(config: PATConfig, device, data: Dataset, report: Report | None, stat
     return result_of(history, selection, state, model)
 
 
+def _select_on_twin(model: PNN, selection: Selection, epoch: int, extra: dict, data: Dataset,
+                    config: PATConfig) -> tuple[float, float, dict]:
+    """In-silico `device_val: selected`: the epoch is offered to the selection with its validation on
+    the twin; only after the last epoch are the selected weights measured on the device, once. Returns
+    (val_accuracy, val_loss on the device: NaN before the last epoch, the selection's metrics, whose
+    best_val_accuracy is the device's figure once measured)."""
+    selection.offer(epoch, extra["val_accuracy_twin"], extra["val_loss_twin"], model.state_dict())
+    chosen = {f"{k}_twin" if k == "best_val_accuracy" else k: v for k, v in selection.metrics().items()}
+    if epoch < config.epochs:
+        return float("nan"), float("nan"), chosen
+    now = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(selection.state()["weights"])
+    val_acc, val_loss = evaluate(model, data.x_val, data.y_val, config.eval_batch_size)  # on the device
+    model.load_state_dict(now)
+    return val_acc, val_loss, {**chosen, "best_val_accuracy": val_acc, "best_val_loss": val_loss}
+
+
 def train_pat(config: PATConfig, device, data: Dataset, report: Report | None = None,
               state: dict | None = None, twin: torch.nn.Module | None = None) -> TrainResult:
     """Train a PNN with PAT: forward passes on the device, gradients through the twin.
@@ -289,6 +321,17 @@ def train_insilico(config: InSilicoConfig, device, data: Dataset, report: Report
     `train_accuracy` is on the twin. The device is used only to obtain the twin (if fitted), to
     validate and for the final test pass."""
     return _train(config, device, data, report, state, twin, OnTwin())
+
+
+def load_init(path: str) -> dict:
+    """The state a warm start begins from: `path` is a checkpoint folder holding state.pt, or the file."""
+    from pathlib import Path
+
+    file = Path(path) / "state.pt" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise ValueError(f"init_from: {path} is neither a checkpoint folder with state.pt nor a state file; "
+                         f"give the folder of the training to warm-start from")
+    return torch.load(file, weights_only=False)
 
 
 # ---- the trainer contract (trainers.registry) --------------------------------------------------------

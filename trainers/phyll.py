@@ -53,7 +53,7 @@ from .encoders import build_encoder
 from .metering import MeteredDevice
 from .networks import tile_to
 from .checkpoint import restore, training_state
-from .optim import make_optimizer
+from .optim import Adam, make_optimizer
 from .results import result_of
 from .selection import Selection, final_pass
 from .types import Dataset, Report, TrainResult
@@ -399,12 +399,12 @@ def train_phyll(config: PhyLLConfig, device, data: Dataset, report: Report | Non
 # ----------------------------------------------------------------------------------------------------
 # The trainer contract (trainers.registry)
 # ----------------------------------------------------------------------------------------------------
-def phyll_optimizers(net: PhyLLNet, config: PhyLLConfig) -> dict[str, torch.optim.Optimizer]:
+def phyll_optimizers(net: PhyLLNet, config: PhyLLConfig) -> dict:
     """One optimiser per block ("block0", ...), and "readout" for the unsupervised readout."""
     out = {f"block{b}": make_optimizer(config.optimizer, block.parameters(), config.lr)
            for b, block in enumerate(net.blocks)}
     if net.readout is not None:
-        out["readout"] = torch.optim.Adam(net.readout.parameters(), lr=config.readout_lr)
+        out["readout"] = Adam(net.readout.parameters(), lr=config.readout_lr)
     return out
 
 

@@ -9,6 +9,7 @@ import time
 import torch
 
 from ..config import TwinConfig
+from ..optim import Adam, cosine_lr
 from .data import TwinData, split, twin_error
 from .models import MLPModel, Twin, ideal_of, mlp_of
 
@@ -93,8 +94,7 @@ def fit(twin: Twin, data: TwinData, config: TwinConfig, gen: torch.Generator, st
     y_rows = y_flat
     group = torch.arange(k).repeat_interleave(r)
     scale = (y_rows - y_rows.mean(0)).pow(2).mean().clamp_min(1e-12)
-    opt = torch.optim.Adam(params, lr=config.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps), eta_min=config.lr * 0.05)
+    opt = Adam(params, lr=config.lr)
     batch = min(config.fit_batch, k * r)
     # The starting weights are a candidate too: a fit never hands back a worse twin than it started with.
     best_err = before if before is not None else math.inf
@@ -107,7 +107,7 @@ def fit(twin: Twin, data: TwinData, config: TwinConfig, gen: torch.Generator, st
         opt.zero_grad()
         loss.backward()
         opt.step()
-        sched.step()
+        opt.param_groups[0]["lr"] = cosine_lr(config.lr, config.lr * 0.05, step, steps)
         if step % check_every == 0 or step == steps:
             err = twin_error(twin, held if held is not None else train)
             if err < best_err:

@@ -1,0 +1,277 @@
+"""The multifidelity strategy and the device budget: promotion by device validation, warm start from
+in-silico weights, the budget's bound, and resume. Real Ray, Tune and MLflow (SQLite); the devices
+are the simulators."""
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from actors.systems.oscillators import Oscillators
+from farm.config import parse_config
+from farm.data import DataConfig, load_dataset
+from farm.errors import ConfigError
+from farm.fidelity import promote
+from farm.sweep import read_marker, run_sweep
+from farm.tracking import PARENT_TAG
+from trainers.config import InSilicoConfig, PATConfig
+from trainers.pat import train_insilico, train_pat
+
+DOWN = {"kind": "downsample", "size": [4, 4]}
+OSC = {"name": "osc", "system": {"kind": "oscillators", "n": 16, "seed": 0}}
+
+
+def _raw(tmp_path, name: str, train: dict | None = None, sweep: dict | None = None, devices=(OSC,)) -> dict:
+    return {
+        "devices": [dict(d) for d in devices],
+        "data": {"kind": "digits", "limit": 200},
+        "train": {"method": "pat", "epochs": 2, "batch_size": 32, "encoder": DOWN, **(train or {})},
+        "sweep": {"name": name, "trial_cpus": 1, "storage_path": str(tmp_path / "ray_results"), **(sweep or {})},
+        "tracking": {"experiment": name},
+    }
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset(DataConfig(kind="digits", limit=300))
+
+
+def _children(store: str, outcome) -> list:
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name(outcome.experiment)
+    return [r for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get(PARENT_TAG) == outcome.parent_run_id]
+
+
+# ---- promotion -----------------------------------------------------------------------------------------
+def test_promote_ranks_by_selected_validation_and_skips_unmeasured():
+    rows = [("a", {"best_val_accuracy": 0.40, "val_accuracy": 0.90}),  # selected epoch counts, not the last
+            ("b", {"best_val_accuracy": 0.70}), ("c", {"best_val_accuracy": float("nan")}),
+            ("d", {"val_accuracy": 0.55}), ("e", {"best_val_accuracy": 0.70})]
+    assert promote(rows, 3) == ["b", "e", "d"]  # a tie goes to the lower id
+    assert promote([("x", {"val_loss": 0.3}), ("y", {"val_loss": 0.1})], 1, "val_loss", "min") == ["y"]
+
+
+def test_multifidelity_sweep_promotes_the_best_screened_and_tags_every_run(ray_session, tmp_path, store):
+    """4 configurations screened in silico, the 2 best by device validation promoted to PAT from their
+    in-silico weights; every child run says its fidelities, device seconds at each and its source."""
+    train = {"lr": {"grid": [0.003, 0.1]}, "theta_init_scale": {"grid": [0.05, 0.5]}}
+    sweep = {"scheduler": {"kind": "multifidelity", "promote": 2, "keep": 1, "screen_epochs": 2},
+             "device_budget_s": 1000}
+    outcome = run_sweep(parse_config(_raw(tmp_path, "mf", train, sweep)), tracking_uri=store)
+
+    runs = _children(store, outcome)
+    screened = [r for r in runs if r.data.tags.get("physfarm.fidelities") == "0"]
+    promoted = [r for r in runs if r.data.tags.get("physfarm.fidelities", "").startswith("0,1")]
+    assert len(screened) == 4 and len(promoted) == 2 and len(runs) == 6
+    assert all(r.data.params["train.method"] == "insilico" for r in screened)
+    assert all(r.data.params["train.method"] == "pat" for r in promoted)
+    # the promoted are the two best screened by their selected validation accuracy, measured on the device
+    best = sorted(screened, key=lambda r: (-r.data.metrics["best_val_accuracy"], r.data.tags["physfarm.trial_id"]))
+    assert {r.info.run_id for r in best[:2]} == {r.data.tags["physfarm.warm_start.run_id"] for r in promoted}
+    assert {r.data.tags["physfarm.promoted"] for r in best[:2]} == {"true"}
+    assert {r.data.tags["physfarm.promoted"] for r in best[2:]} == {"false"}
+    by_id = {r.info.run_id: r for r in screened}
+    for r in promoted:
+        source = by_id[r.data.tags["physfarm.warm_start.run_id"]]
+        assert r.data.tags["physfarm.warm_start.url"].endswith(f"/runs/{source.info.run_id}")
+        assert float(r.data.tags["physfarm.device_s.fidelity0"]) == pytest.approx(
+            source.data.metrics["device_s_total"], rel=1e-3)
+        f1, f2 = (float(r.data.tags[f"physfarm.device_s.fidelity{k}"]) for k in (1, 2))
+        assert f1 > 0 and f1 + f2 == pytest.approx(r.data.metrics["device_s_total"], rel=1e-3)
+        # the source's hyperparameters go on, with its weights
+        assert r.data.params["train.lr"] == source.data.params["train.lr"]
+        assert r.data.params["train.init_from"] != "None"
+    for r in screened:  # screened on the device: validation only, the test split left closed
+        assert r.data.metrics["device_s_total"] > 0 and "test_accuracy" not in r.data.metrics
+    parent = MlflowClient(store).get_run(outcome.parent_run_id)
+    assert 0 < parent.data.metrics["device_budget_spent_s"] < 1000
+    assert parent.data.metrics["device_budget_remaining_s"] == pytest.approx(
+        1000 - parent.data.metrics["device_budget_spent_s"])
+    assert len(outcome.rows) == 6 and all(r.status == "TERMINATED" for r in outcome.rows)
+
+
+def test_a_failed_screened_trial_does_not_hold_up_promotion(ray_session, tmp_path, store):
+    """One configuration's device fails every call: its screen ends in ERROR, the other is promoted,
+    and the sweep finishes (not 'interrupted')."""
+    broken = {"name": "broken", "system": {"kind": "oscillators", "n": 16, "fault_rate": 1.0}}
+    raw = _raw(tmp_path, "mffail", {"device": {"grid": ["osc", "broken"]}, "epochs": 1},
+               {"scheduler": {"kind": "multifidelity", "promote": 1, "keep": 1}, "max_failures": 0},
+               devices=(OSC, broken))
+    outcome = run_sweep(parse_config(raw), tracking_uri=store)
+    status = sorted((r.config["device"], r.status) for r in outcome.rows)
+    assert status == [("broken", "ERROR"), ("osc", "TERMINATED"), ("osc", "TERMINATED")], status
+    assert not outcome.interrupted and read_marker(Path(outcome.path))["status"] == "finished"
+    promoted = [r for r in _children(store, outcome) if "physfarm.warm_start.run_id" in r.data.tags]
+    assert len(promoted) == 1 and promoted[0].data.params["train.device"] == "osc"
+
+
+# ---- warm start ------------------------------------------------------------------------------------------
+def test_warm_start_begins_at_the_in_silico_accuracy_not_at_chance(digits, tmp_path):
+    """PAT with a learning rate too small to move anything in one epoch: warm-started, its first
+    epoch's validation accuracy on the device is the in-silico training's; from scratch, chance."""
+    device = Oscillators(n=16, seed=0)
+    states = []
+    insilico = train_insilico(InSilicoConfig(epochs=4, batch_size=32, lr=0.05, encoder=DOWN, final_test=False),
+                              device, digits, report=lambda m, s: states.append(s))
+    torch.save(states[-1], tmp_path / "state.pt")
+    start = max(h["val_accuracy"] for h in insilico.history)
+    assert start > 0.4  # the in-silico training learned (chance: 0.1)
+    still = {"epochs": 1, "batch_size": 32, "lr": 1e-7, "encoder": DOWN, "final_test": False}
+    warm = train_pat(PATConfig(**still, init_from=str(tmp_path)), device, digits)
+    cold = train_pat(PATConfig(**still), device, digits)
+    assert warm.history[0]["val_accuracy"] == pytest.approx(start, abs=0.05)  # device noise only
+    assert cold.history[0]["val_accuracy"] < 0.3
+    # the screen's in-silico training measures the validation split on the device once, at its end
+    calls = []
+    screen = train_insilico(InSilicoConfig(epochs=3, batch_size=32, lr=0.05, encoder=DOWN, final_test=False,
+                                           device_val="selected"), device, digits,
+                            report=lambda m, s: calls.append(m["device_calls"]))
+    assert calls[:2] == [0, 0] and calls[2] == -(-len(digits.y_val) // 256)
+    assert [h["val_accuracy"] != h["val_accuracy"] for h in screen.history] == [True, True, False]
+    last = screen.history[-1]  # the device's figure is that of the weights the twin selected
+    assert last["best_val_accuracy"] == last["val_accuracy"] and 1 <= last["best_epoch"] <= 3
+    assert last["best_val_accuracy_twin"] == max(h["val_accuracy_twin"] for h in screen.history)
+    with pytest.raises(ValueError, match="init_from"):
+        train_pat(PATConfig(**still, init_from=str(tmp_path / "nowhere")), device, digits)
+
+
+# ---- the budget ------------------------------------------------------------------------------------------
+def _audit(device: str, sweep: str) -> list[dict]:
+    """The device's audit records (actors/audit.py) of requests serving the sweep: the ground truth."""
+    import os
+
+    out = []
+    for path in Path(os.environ["PHYSFARM_AUDIT_DIR"]).glob(f"{device}.*"):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if "duration_s" in rec and str(rec.get("run", "")).startswith(f"{sweep}/"):
+                out.append(rec)
+    return out
+
+
+def test_budget_stops_the_sweep_within_one_call_per_running_trial(ray_session, tmp_path, store):
+    """Two trials at once against a budget far below what they would use: the sweep ends when it is
+    spent, and the device seconds used pass it by at most one device call per running trial."""
+    slow = {"name": "slowosc", "system": {"kind": "oscillators", "n": 16, "seed": 0, "latency_call_s": 0.02}}
+    budget = 1.5
+    raw = _raw(tmp_path, "budget", {"seed": {"grid": [0, 1, 2, 3]}, "epochs": 50}, {"device_budget_s": budget,
+                                                                              "trial_cpus": 1}, devices=(slow,))
+    outcome = run_sweep(parse_config(raw), tracking_uri=store)
+    records = _audit("slowosc", "budget")
+    spent = sum(r["device_s"] for r in records)
+    longest = max(r["duration_s"] for r in records)
+    assert budget <= spent <= budget + 2 * longest  # 2 trials run at once (2 CPUs, 1 each)
+    assert all(r.metrics.get("epoch", 0) < 50 for r in outcome.rows)  # none ran to its end
+    assert {r.status for r in outcome.rows} <= {"TERMINATED", "STOPPED"}
+    parent = MlflowClient(store).get_run(outcome.parent_run_id)
+    # the budget counts what the device's audit log charged the sweep's trials
+    assert parent.data.metrics["device_budget_spent_s"] == pytest.approx(spent, rel=1e-3)
+    assert parent.data.tags["physfarm.budget_spent"] == "true"
+    assert parent.data.metrics["device_budget_remaining_s"] <= 0
+    assert parent.info.status == "FINISHED" and read_marker(Path(outcome.path))["status"] == "finished"
+
+
+def test_console_shows_the_remaining_budget():
+    from farm.budget import budget_line
+    from farm.console import SweepView
+
+    view = SweepView("sweep 'x'")
+    assert not any("budget" in line for line in view.lines())
+    view.budget = budget_line({"budget_s": 60.0, "spent_s": 61.5, "remaining_s": -1.5})
+    assert view.lines()[1] == "  device budget: 0.0 s left of 60.0 s (61.5 s spent)"  # never a negative left
+
+
+# ---- checks before Ray -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("sweep, train, needle", [
+    ({"device_budget_s": 0}, {}, "sweep.device_budget_s: a budget of 0"),
+    ({"scheduler": {"kind": "multifidelity", "promote": 5}}, {"seed": {"grid": [0, 1, 2]}}, "sweep.scheduler.promote: 5 of 3"),
+    ({"scheduler": {"kind": "multifidelity", "keep": 3, "promote": 2}}, {"seed": {"grid": [0, 1, 2]}},
+     "sweep.scheduler.keep: 3"),
+    ({"scheduler": {"kind": "multifidelity"}}, {"method": "phyll"}, "train.method: 'phyll' with sweep.scheduler kind"),
+    ({"scheduler": {"kind": "multifidelity", "perturbation_interval": 1}}, {}, "not a setting of kind 'multifidelity'"),
+    ({"scheduler": {"kind": "multifidelity", "time_attr": "training_iteration"}}, {}, "time_attr: 'training_iteration'"),
+    ({"scheduler": {"kind": "asha", "promote": 2}}, {}, "sweep.scheduler.promote: not a setting of kind 'asha'"),
+])
+def test_bad_strategy_settings_fail_before_ray_naming_the_field(tmp_path, sweep, train, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        parse_config(_raw(tmp_path, "bad", train, sweep))
+
+
+# ---- resume ------------------------------------------------------------------------------------------------
+def _promoted_runs(db: Path) -> int:
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+        try:
+            return con.execute("select count(*) from tags where key = 'physfarm.warm_start.run_id'").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+def test_resumed_multifidelity_sweep_keeps_its_fidelity_history(tmp_path, monkeypatch):
+    """Stopped (SIGTERM) once its promoted PAT trials have started, then resumed: the screen is not
+    rerun, the same configurations stay promoted from the same in-silico runs, and no run is doubled."""
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    raw = _raw(tmp_path, "mfres", {"seed": {"grid": [0, 1, 2]}, "epochs": 6},
+               {"scheduler": {"kind": "multifidelity", "promote": 2, "keep": 2, "screen_epochs": 1},
+                "max_concurrent_trials": 1, "device_budget_s": 500})
+    raw["tracking"]["uri"] = uri
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen([sys.executable, "-m", "farm.cli", "sweep", str(path), "--quiet"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while _promoted_runs(db) < 1:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no promoted trial started in time"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    folder = tmp_path / "ray_results" / "mfres"
+    before = read_marker(folder)
+    assert before["status"] == "interrupted" and len(before["fidelity"]["promoted"]) == 2
+    spent_before = before["device_s_spent"]
+    assert spent_before > 0
+
+    from farm.config import load_config
+
+    outcome = run_sweep(load_config(path), resume=True)
+    after = read_marker(folder)
+    assert after["status"] == "finished" and after["fidelity"]["promoted"] == before["fidelity"]["promoted"]
+    # the budget counts on from the first run, without counting again what the restarted device
+    # replayed from its audit log: it is what the log charged the sweep in both runs (up to the calls
+    # in flight when the first run was stopped)
+    charged = sum(r["device_s"] for r in _audit("osc", "mfres")) + sum(r["device_s"] for r in _audit("osc", "mfres.promoted"))
+    assert spent_before < after["device_s_spent"] <= charged + 1e-3  # the log rounds each record to 1 us
+    assert after["device_s_spent"] == pytest.approx(charged, abs=0.05)
+    client = MlflowClient(uri)
+    runs = client.search_runs([outcome.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{outcome.parent_run_id}'")
+    screened = [r for r in runs if r.data.tags.get("physfarm.fidelities") == "0"]
+    promoted = [r for r in runs if "physfarm.warm_start.run_id" in r.data.tags]
+    assert len(screened) == 3 and len(promoted) == 2 and len(runs) == 5  # nothing rerun or doubled
+    assert {r.data.tags["physfarm.warm_start.trial_id"] for r in promoted} == set(before["fidelity"]["promoted"])
+    assert all(r.info.status == "FINISHED" and "test_accuracy" in r.data.metrics for r in promoted)  # ran to the end
+    assert all(r.data.tags["physfarm.fidelities"].startswith("0,1") for r in promoted)
