@@ -60,7 +60,7 @@ from .leases import LeaseTable
 from .quotas import QuotaBook
 from .reservations import ReservationBook
 from .systems.registry import build_system
-from .theta_rows import accepts_shared_theta, call_theta
+from .theta_rows import accepts_shared_theta, call_theta, splits_by_theta, theta_runs
 
 __all__ = ["DeviceActor", "RAY_THREADS"]
 
@@ -174,6 +174,7 @@ class DeviceActor:
         self._system = build_system(system_config)
         self._spec = self._system.spec
         self._shared_theta = accepts_shared_theta(self._system)
+        self._split_theta = splits_by_theta(self._system)
         # Requests are checked on arrival: call the system's unchecked entry where it has one.
         self._measure = getattr(self._system, "forward_checked", None) or self._system.forward
         self._max_wait_s = max_wait_s
@@ -588,7 +589,11 @@ class DeviceActor:
             sizes = [r.rows for r in batch]
             # concatenate also copies a lone request's rows: Ray hands the actor read-only buffers.
             x = torch.from_numpy(np.concatenate([r.x for r in batch], axis=0))
-            theta = call_theta([r.theta for r in batch], sizes, self._shared_theta)
+            thetas = [r.theta for r in batch]
+            # One device call either way (one slot of device time, one audit line); a system that
+            # says so is measured one theta at a time within it (actors/theta_rows.py).
+            runs = theta_runs(thetas, sizes) if self._split_theta and len(batch) > 1 else None
+            theta = call_theta(thetas, sizes, self._shared_theta) if runs is None or len(runs) == 1 else None
         finally:
             if before_call is not None:
                 before_call()
@@ -597,8 +602,11 @@ class DeviceActor:
         t0 = time.time()
         try:
             self._connect_system()
-            y = self._measure(x, theta)
-            y = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y, np.float32)
+            if theta is not None:
+                y = self._measure(x, theta)
+                y = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y, np.float32)
+            else:
+                y = np.concatenate([_numpy(self._measure(x[a:b], t)) for a, b, t in runs], axis=0)
             if y.shape[0] != x.shape[0]:
                 raise DeviceError(f"returned {y.shape[0]} rows for a call of {x.shape[0]}")
         except Exception as exc:  # a device fault fails this call's requests only
@@ -629,6 +637,10 @@ class DeviceActor:
         total = sum(r.rows for r in batch) or 1
         self._audit.call(t0, elapsed, ((r.user, r.client, r.rows, r.theta, elapsed * r.rows / total,
                                         started - r.enqueued) for r in batch), outcome)
+
+
+def _numpy(y) -> np.ndarray:
+    return y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y, np.float32)
 
 
 def _rows_of(x) -> int:

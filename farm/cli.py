@@ -104,28 +104,31 @@ def cmd_sweep(args) -> int:
     if getattr(args, "check", False):
         return _report_check(cfg, uri)
     check_reachable(uri)  # an unreachable tracking server: one line, before anything starts
-    check_resumable(cfg, uri, sweep_name(cfg), args.resume or args.resume_errored)
+    marker = check_resumable(cfg, uri, sweep_name(cfg), args.resume or args.resume_errored)
     if not args.verbose:
         quiet_libraries()
-    # Ray Tune and MLflow take seconds to import, and starting Ray is mostly waiting for its processes:
-    # both at once. Ray starts on the main thread (its processes are bound to the thread that starts
-    # them); the imports go on a thread of their own.
+    # Ray Tune and MLflow take seconds to import, the store seconds to open, and starting Ray is mostly
+    # waiting for its processes: all at once. Ray starts on the main thread (its processes are bound to
+    # the thread that starts them); the imports, the store and the data go on a thread of their own.
     import ray  # noqa: F401 - first, here: the thread's imports and ray.init share none of Ray's own modules
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
 
-    importing = _import_in_background("farm.sweep")
-    address = init_ray(args.address, lan=args.lan)
-    mark("ray_ready")
-    _forward_sigterm()  # after ray.init, which installs its own SIGTERM handler
-    print(ray_banner(address, joined=bool(args.address), lan=args.lan), flush=True)
-    importing.join()
-    from .sweep import run_sweep
+    from .sweep_folder import storage_path
 
-    if not args.verbose:
-        quiet_libraries()  # again: MLflow sets its own loggers' levels when it is first imported
-    mark("imports")
-    outcome = run_sweep(cfg, address=args.address, tracking_uri=args.tracking_uri,
-                        verbose=1 if args.verbose else 0, resume=args.resume or args.resume_errored,
-                        resume_errored=args.resume_errored, show=not args.quiet)
+    folder = Path(storage_path(cfg)) / sweep_name(cfg)
+    with ThreadPoolExecutor(1, thread_name_prefix="physfarm-start") as pool:
+        opened = pool.submit(_open_store_and_data, cfg, uri, folder, marker, not args.verbose)
+        address = init_ray(args.address, lan=args.lan)
+        mark("ray_ready")
+        _forward_sigterm()  # after ray.init, which installs its own SIGTERM handler
+        print(ray_banner(address, joined=bool(args.address), lan=args.lan), flush=True)
+        from .sweep import run_sweep  # imported by the thread by now, or waits for it to be
+
+        mark("imports")
+        outcome = run_sweep(cfg, address=args.address, tracking_uri=args.tracking_uri,
+                            verbose=1 if args.verbose else 0, resume=args.resume or args.resume_errored,
+                            resume_errored=args.resume_errored, show=not args.quiet, opened=opened)
     devices = sorted({str(r.config.get("device")) for r in outcome.rows if r.config.get("device")})
     where = f"on device '{cfg.train.get('device', '?')}'" if not devices else \
         "on each trial's device" if len(devices) > 1 else f"on device '{devices[0]}'"
@@ -155,21 +158,13 @@ def cmd_sweep(args) -> int:
     return 1 if failed and len(failed) == len(outcome.rows) else 0
 
 
-def _import_in_background(module: str):
-    """A started thread importing `module` (join it, then import it as usual: the import is done, or
-    its error is raised again there)."""
-    import importlib
-    import threading
+def _open_store_and_data(cfg, uri: str, folder, marker, quiet: bool):
+    """farm.sweep.open_store_and_data, importing farm.sweep (Ray Tune, MLflow) first: run on a thread."""
+    from .sweep import open_store_and_data
 
-    def load() -> None:
-        try:
-            importlib.import_module(module)
-        except BaseException:  # noqa: BLE001 - the main thread's own import raises it, with its traceback
-            pass
-
-    thread = threading.Thread(target=load, name=f"physfarm-import-{module}", daemon=True)
-    thread.start()
-    return thread
+    if quiet:
+        quiet_libraries()  # again: MLflow sets its own loggers' levels when it is first imported
+    return open_store_and_data(cfg, uri, folder, marker)
 
 
 def ray_banner(address: str, joined: bool, lan: bool = False) -> str:

@@ -153,18 +153,19 @@ class SweepPlan:
 def run_sweep(cfg: FarmConfig, address: str | None = None, tracking_uri: str | None = None,
               name: str | None = None, verbose: int = 0, resume: bool = False,
               resume_errored: bool = False, flush_wait_s: float | None = None,
-              show: bool = False, stream=None, lan: bool = False) -> SweepOutcome:
+              show: bool = False, stream=None, lan: bool = False, opened=None) -> SweepOutcome:
     """Run a sweep in its phases: prepare, devices started, run, collect, finish.
 
     Ray: the one this process is connected to, else joined at `address`, else started for this sweep
-    (`lan`: on the network address, else on 127.0.0.1 only).
+    (`lan`: on the network address, else on 127.0.0.1 only). `opened`: a future of
+    `open_store_and_data` the caller started (the CLI, while it starts Ray).
 
     verbose: Tune's own tables (1) or none (0); show: physfarm's live view of the trials and devices
     on `stream` (stdout; redrawn in place on a terminal, periodic lines otherwise).
     flush_wait_s (default: tracking.flush_wait_s): how long the end of the sweep waits for a tracking
     store that is down to answer again before it leaves the kept MLflow writes in the journal
     (replayed by `physfarm report` or `--resume`)."""
-    plan = prepare(cfg, address, tracking_uri, name, resume, resume_errored, lan=lan)
+    plan = prepare(cfg, address, tracking_uri, name, resume, resume_errored, lan=lan, opened=opened)
     mark("prepared")
     with devices_started(cfg.devices, plan.launched):
         mark("devices_started")
@@ -180,29 +181,23 @@ def run_sweep(cfg: FarmConfig, address: str | None = None, tracking_uri: str | N
 
 def prepare(cfg: FarmConfig, address: str | None = None, tracking_uri: str | None = None,
             name: str | None = None, resume: bool = False, resume_errored: bool = False,
-            lan: bool = False) -> SweepPlan:
-    """Check the store and the sweep folder, then at once: start or join Ray (on a thread of its own),
-    open the sweep's MLflow writer (replaying what an earlier run of it kept) and load the data the
-    trials will share. Opens no run and starts no device."""
+            lan: bool = False, opened=None) -> SweepPlan:
+    """Check the store and the sweep folder, then at once: start or join Ray, launch the devices, open
+    the sweep's MLflow writer (replaying what an earlier run of it kept) and load the data the trials
+    will share (`open_store_and_data`; `opened`: a future of it that the caller started already).
+    Opens no run, and waits for no device."""
     uri = resolve_tracking_uri(tracking_uri, cfg.tracking.uri)
     check_reachable(uri)
     name = sweep_name(cfg, name)
     folder = Path(storage_path(cfg)) / name
     marker = check_resumable(cfg, uri, name, resume)
-    limit_http_retries()
     # Starting Ray is mostly waiting for its processes (on the other cores): the MLflow store's opening
     # (an SQLite schema on first use) and the data's loading go on meanwhile, on a thread, instead of
     # after it. Ray itself starts on this (the main) thread: the processes it starts are bound to the
     # thread that starts them (they end with it), and it installs its signal handlers there.
-    def store_and_data():
-        journal = MlflowWriter(uri, folder).open()  # the sweep's MLflow writes, its tracker's and callbacks'
-        if marker is not None:
-            _replay_before_resume(journal, marker, folder)
-        return journal, load_arrays(cfg.data)
-
     launched: dict = {}
     with ThreadPoolExecutor(1, thread_name_prefix="physfarm-store") as pool:
-        side = pool.submit(store_and_data)
+        side = opened if opened is not None else pool.submit(open_store_and_data, cfg, uri, folder, marker)
         try:
             init_ray(address, lan)
             # The devices' processes start now too (waited for in run_sweep's devices_started).
@@ -221,6 +216,16 @@ def prepare(cfg: FarmConfig, address: str | None = None, tracking_uri: str | Non
                      tracker=SweepTracker(journal, cfg.tracking.experiment, name, context), context=context,
                      devices=[d.name for d in cfg.devices], keys=keys, resume_errored=resume_errored,
                      arrays=arrays, launched=launched)
+
+
+def open_store_and_data(cfg: FarmConfig, uri: str, folder: Path, marker: dict | None) -> tuple:
+    """(the sweep's MLflow writer, open, with what an earlier run of the sweep kept replayed; the data
+    set's arrays, farm.data.load_arrays). Needs no Ray: it runs while Ray starts."""
+    limit_http_retries()
+    journal = MlflowWriter(uri, folder).open()  # the sweep's MLflow writes, its tracker's and callbacks'
+    if marker is not None:
+        _replay_before_resume(journal, marker, folder)
+    return journal, load_arrays(cfg.data)
 
 
 def note_devices(plan: SweepPlan, stream=None) -> None:

@@ -1,6 +1,8 @@
 """The device actor's shared-theta path: a device call whose requests all carry one theta passes it
 once, as theta[n_params], to systems that accept that (the simulators); every other system, and any
-call merging different thetas, gets theta[rows, n_params] as the protocol documents. The oscillators'
+call merging different thetas, gets theta[rows, n_params] as the protocol documents, unless the system
+says a call is cheaper split by theta (`splits_by_theta`: the oscillators): then each run of rows
+sharing a theta is measured with that theta, within the one device call. The oscillators'
 shared-theta physics equals its per-row physics (values and gradients).
 """
 from __future__ import annotations
@@ -60,6 +62,12 @@ class SharedSystem(PerRowSystem):
     accepts_shared_theta = True
 
 
+class SplitSystem(SharedSystem):
+    """... and that a call mixing thetas is cheaper measured one theta at a time."""
+
+    splits_by_theta = True
+
+
 def _serve(kind: str, requests: list[tuple[np.ndarray, np.ndarray, str]], max_wait_s: float = 0.0):
     actor = DeviceActor({"kind": f"{__name__}:{kind}"}, name="shape#0", max_wait_s=max_wait_s)
 
@@ -108,6 +116,52 @@ def test_shared_system_gets_per_row_theta_when_a_call_merges_different_thetas():
     for (x, t, _), y in zip(reqs, ys):
         np.testing.assert_array_equal(y[:, :2], x)  # each client gets its own rows
         np.testing.assert_array_equal(y[:, 2], np.full(len(x), t[0]))  # computed with its own theta
+
+
+def test_a_system_that_splits_by_theta_gets_each_requests_theta_within_one_call():
+    reqs = [_req(0, 4, 0.25), _req(1, 3, -0.75), _req(2, 2, -0.75)]
+    actor = DeviceActor({"kind": f"{__name__}:SplitSystem"}, name="shape#0", max_wait_s=0.05)
+
+    async def main():
+        actor.connect()
+        return await asyncio.gather(*(asyncio.wrap_future(actor.submit(x, t, c)) for x, t, c in reqs))
+
+    try:
+        ys = asyncio.run(main())
+        stats = actor.stats()
+    finally:
+        actor.close()
+    # one device call (one slot, one audit line), measured as two runs: 4 rows at 0.25, 5 rows at -0.75
+    assert stats["calls"] == 1 and stats["rows"] == 9
+    assert actor._system.theta_shapes == [(3,), (3,)], actor._system.theta_shapes
+    for (x, t, _), y in zip(reqs, ys):
+        np.testing.assert_array_equal(y[:, :2], x)
+        np.testing.assert_array_equal(y[:, 2], np.full(len(x), t[0]))
+
+
+def test_oscillators_merged_call_of_several_thetas_equals_each_alone():
+    """The oscillators split a merged call by theta: noise-free, each request measures what it
+    measures alone in-process (so merging trials' requests changes no trial's numbers)."""
+    cfg = {"kind": "oscillators", "n": 6, "noise": 0.0, "seed": 3}
+    assert Oscillators.splits_by_theta
+    rng = np.random.default_rng(2)
+    reqs = [(rng.uniform(-1, 1, (5, 6)).astype(np.float32), rng.uniform(-2, 2, 42).astype(np.float32), f"c{i}")
+            for i in range(3)]
+    actor = DeviceActor(cfg, name="osc#0", max_wait_s=0.05)
+
+    async def main():
+        actor.connect()
+        return await asyncio.gather(*(asyncio.wrap_future(actor.submit(x, t, c)) for x, t, c in reqs))
+
+    try:
+        ys = asyncio.run(main())
+        calls = actor.stats()["calls"]
+    finally:
+        actor.close()
+    assert calls < len(reqs)  # merged into fewer device calls than requests
+    local = Oscillators(cfg)
+    for (x, t, _), y in zip(reqs, ys):
+        np.testing.assert_allclose(y, local.forward(x, t).numpy(), rtol=0, atol=1e-5)
 
 
 def test_oscillators_shared_theta_equals_per_row_physics():

@@ -175,6 +175,9 @@ class _OscillatorsRK4(torch.autograd.Function):
 
 class Oscillators(SimulatedSystem):
     config_class = OscillatorsConfig
+    # A theta row per sample builds a coupling matrix per row: a call that merges several trials'
+    # requests is measured one theta at a time instead (actors.theta_rows.splits_by_theta).
+    splits_by_theta = True
 
     def __init__(self, config: OscillatorsConfig | dict | None = None, **overrides):
         super().__init__(config, **overrides)
