@@ -239,6 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("physfarm: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ValueError as err:  # a data file found bad when a command reads it (after --check passed)
+        from actors.tables import TableError
+
+        from .datasources import DataError
+
+        if not isinstance(err, (DataError, TableError)):
+            raise
+        print(f"physfarm: data error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def entry() -> None:
@@ -252,11 +261,13 @@ def entry() -> None:
     import threading
 
     run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
-    if run_exit_handlers is None:  # not CPython: the ordinary exit
+    stop_threads = getattr(threading, "_shutdown", None)
+    if run_exit_handlers is None or stop_threads is None:  # not CPython: the ordinary exit
         sys.exit(code)
-    for thread in threading.enumerate():  # what the interpreter would wait for before exiting
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # What the interpreter does first on exit: tell thread pools to finish (concurrent.futures' exit
+    # hook: an idle pool worker would otherwise wait for work forever), then wait for every
+    # non-daemon thread.
+    stop_threads()
     run_exit_handlers()  # Ray's shutdown, MLflow's flushes, temporary folders' removal
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -14,6 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from actors.systems.registry import build_system
+from farm.datasources import DataError
 from trainers.networks import pick_readout
 
 DEAD = [1, 4]  # of 8 outputs
@@ -124,9 +125,10 @@ def test_trainers_read_live_outputs_of_a_recorded_device(tmp_path, method, reado
             assert len(read) == 3 and not set(read) & set(DEAD)
 
 
-def test_a_sweep_logs_the_fit_and_a_recurring_error_ends_a_trial_once(ray_session, tmp_path):
-    """One sweep, two trials: the replay model's fit and the readout are on the MLflow runs; the data
-    file is broken after the config was checked, so the trial that loads it fails, once."""
+def test_a_sweep_logs_the_fit_and_a_data_file_broken_after_the_check_stops_it_at_once(ray_session, tmp_path):
+    """One sweep, two trials: the replay model's fit and the readout are on the MLflow runs; a data
+    file broken after the config was checked stops the next sweep when it reads the data, before any
+    trial or run starts."""
     from farm.config import parse_config
     from farm.sweep import run_sweep
 
@@ -149,17 +151,17 @@ def test_a_sweep_logs_the_fit_and_a_recurring_error_ends_a_trial_once(ray_sessio
         assert run.data.params["model.dead_outputs"] == "1,4" and len(read) == 3 and not read & set(DEAD)
         assert run.data.tags["device.lab.dead_outputs"] == str(DEAD)
 
-    # the data file breaks after the check: its trial ends once, FAILED, with the error's row
+    # the data file breaks after the check: the sweep reads it once, before Ray runs any trial and
+    # before any MLflow run is opened, and stops with the error's row (a trial never meets it)
     bad = parse_config(sweep_raw(tmp_path, device(tmp_path), {}, name="measured-bad"))
     data = np.load(bad.data.path)
     x = data["x"].copy()
     x[7, 1] = np.nan
     np.savez(bad.data.path, x=x, y=data["y"])
-    outcome = run_sweep(bad, tracking_uri=uri)
-    (row,) = outcome.rows
-    assert row.status == "ERROR" and "row 8" in row.error and "non-finite" in row.error
-    run = client.get_run(row.run_id)
-    assert run.info.status == "FAILED" and "physfarm.restarts" not in run.data.tags
+    with pytest.raises(DataError, match=r"x row 8 \(1-based\) holds a non-finite value"):
+        run_sweep(bad, tracking_uri=uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert not [r for r in runs if r.data.tags.get("physfarm.sweep") == "measured-bad"]
 
 
 def test_check_names_the_line_of_a_bad_data_set_file(tmp_path):
