@@ -12,9 +12,9 @@ P8  sweep wall time per trial with 200 one-epoch trials on tiny data over the sa
 
 The phase table comes from the marks every process of the sweep writes when PHYSFARM_PHASES names a
 file (farm/phases.py): process start (this script's clock just before it starts the process), config
-loaded, imports, Ray ready, MLflow store and parent run (prepared), device actor started, Tune
-started, first trial's worker running, first epoch starting, last epoch, Tune done, collected and
-finished (leaderboard, model), and the process's exit (Ray's shutdown is the last step).
+loaded, Ray ready, store and data ready (prepared), devices answering, Tune started, first trial's
+worker running, first epoch starting, last epoch, Tune done, collected and finished (leaderboard,
+model), and the process's exit (Ray's shutdown is the last step).
 
     python -m bench.sweep_overhead                 # writes bench/results/P7.json and P8.json
     python -m bench.sweep_overhead --quick         # one pair, no P8, prints only
@@ -38,11 +38,11 @@ QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 
 # (label, from mark, to mark): the rows of the phase table; "start" is the process start, "exit" its end
 PHASES = [
-    ("imports and config", "start", "imports"),
-    ("ray.init (local Ray)", "imports", "ray_ready"),
-    ("MLflow store, journal, parent run", "ray_ready", "prepared"),
-    ("device actor started", "prepared", "devices_started"),
-    ("Tune built", "devices_started", "tune_start"),
+    ("process start, imports, config loaded and checked", "start", "config_loaded"),
+    ("Ray started (Ray Tune and MLflow imported beside it)", "config_loaded", "ray_ready"),
+    ("MLflow store opened and data loaded (begun beside Ray)", "ray_ready", "prepared"),
+    ("device actors answering (launched once Ray was up)", "prepared", "devices_started"),
+    ("parent run opened, Tune built", "devices_started", "tune_start"),
     ("Tune start to first trial running", "tune_start", "first_trial_start"),
     ("trial start to first epoch starting", "first_trial_start", "first_trial_ready"),
     ("training: first epoch start to last epoch end", "first_trial_ready", "last_epoch"),
