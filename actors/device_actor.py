@@ -603,8 +603,7 @@ class DeviceActor:
         try:
             self._connect_system()
             if theta is not None:
-                y = self._measure(x, theta)
-                y = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y, np.float32)
+                y = _numpy(self._measure(x, theta))
             else:
                 y = np.concatenate([_numpy(self._measure(x[a:b], t)) for a, b, t in runs], axis=0)
             if y.shape[0] != x.shape[0]:
@@ -640,6 +639,7 @@ class DeviceActor:
 
 
 def _numpy(y) -> np.ndarray:
+    """A system's answer (a torch tensor or array-like) as a numpy array."""
     return y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y, np.float32)
 
 

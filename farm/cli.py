@@ -52,7 +52,8 @@ def _forward_sigterm() -> None:
 def _report_check(cfg, uri: str) -> int:
     """`sweep --check`: the config is valid; say what the sweep would run. Starts and writes nothing
     (no Ray, no MLflow store, no results folder, no network)."""
-    from .sweep import expected_trials, sweep_name
+    from .sweep_folder import sweep_name
+    from .trainspec import expected_trials
 
     n = expected_trials(cfg)
     devices = ", ".join(d.name for d in cfg.devices)

@@ -229,12 +229,12 @@ def devices_started(devices: Iterable[DeviceConfig],
     launched = dict(launched or {})
     try:
         for dev in devices:
-            if dev.name in launched:  # launched by this process a moment ago: it is ours to wait for and stop
-                handles, created = launched.pop(dev.name)
-                started.append((dev, handles))
-                await_device(dev, (handles, created))
-            elif find_device(dev.name) is None:
-                started.append((dev, start_device(dev)))
+            # launched by this process a moment ago, or not up yet: ours to wait for and to stop
+            mine = launched.pop(dev.name, None)
+            if mine is None and find_device(dev.name) is None:
+                mine = launch_device(dev)
+            if mine is not None:
+                started.append((dev, await_device(dev, mine)))
         yield [dev for dev, _handles in started]
     finally:
         for dev, _handles in started:

@@ -32,6 +32,12 @@ def test_importing_the_trainable_and_the_sweep_module_imports_no_torch():
     assert {"torch", "torch._dynamo", "sklearn", "matplotlib"} & loaded_after("import farm.sweep") == set()
 
 
+def test_sweep_check_imports_no_mlflow_or_tune():
+    # `physfarm sweep --check` starts nothing, so it needs neither
+    code = "from farm.cli import main\nassert main(['sweep', 'examples/quickstart.yaml', '--check']) == 0"
+    assert not loaded_after(code) & {"torch._dynamo", "mlflow", "ray.tune", "matplotlib"}
+
+
 def test_checking_a_config_never_imports_torch_dynamo_or_mlflow():
     # `--check` builds each trial's network (torch), but on the CPU: no torch._dynamo, no MLflow
     loaded = loaded_after("from farm.config import load_config\nload_config('examples/quickstart.yaml')")

@@ -107,13 +107,12 @@ def make_optimizer(name: str, params, lr: float) -> _Optimizer:
 
 def cosine_lr(base: float, low: float, step: int, steps: int) -> float:
     """Cosine annealing from `base` at step 0 to `low` at `steps` (torch's CosineAnnealingLR, closed form)."""
-    return low + 0.5 * (base - low) * (1 + math.cos(math.pi * min(step, steps) / max(1, steps)))
+    frac = min(step, steps) / max(1, steps)
+    return low + 0.5 * (base - low) * (1 + math.cos(math.pi * frac))
 
 
 def epoch_lr(config, epoch: int) -> float:
     """The learning rate of `epoch` (1-based): constant, or cosine from lr down to lr/20."""
     if getattr(config, "lr_schedule", "constant") != "cosine" or config.epochs <= 1:
         return config.lr
-    frac = (epoch - 1) / (config.epochs - 1)
-    low = config.lr / 20
-    return low + 0.5 * (config.lr - low) * (1 + math.cos(math.pi * frac))
+    return cosine_lr(config.lr, config.lr / 20, epoch - 1, config.epochs - 1)
