@@ -7,6 +7,8 @@ P7  wall time of `physfarm sweep examples/quickstart.yaml` (a fresh process: imp
     load on the machine hits both alike; the figure is the median of the sweeps over the median of
     the in-process runs. Also: the time from the sweep's process start to its first trial's first
     epoch starting (target <= 10 s), and the phase table below for the median sweep.
+    Beside them, the Ray floor: a bare Ray + Tune run of 4 trials doing the same imports and no work
+    (`ray_floor`), and the ratio a sweep would have if only Ray's share and the trainings cost time.
 P8  sweep wall time per trial with 200 one-epoch trials on tiny data over the same with 4 (the
     driver's per-trial cost, MLflow writes, Tune's bookkeeping, must not grow with the trial count).
 
@@ -128,6 +130,46 @@ def _in_process(config: Path) -> dict:
     return {"wall_s": wall, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
+def _ray_floor_child(trials: int, epochs: int) -> None:
+    """Ray's own share of a sweep (run as a child by `_ray_floor`): a local Ray started as physfarm
+    starts it, a Tune run of `trials` function trials at the quickstart's 0.5 CPU each that import
+    what a PAT trial imports (torch, Ray Tune, the trainers) and report `epochs` times with no work
+    between, then Ray's shutdown. No MLflow, no device, no data, no training."""
+    t0 = time.time()
+    import ray
+    from ray import tune
+
+    from farm.raycluster import start_local, usable_cpus
+
+    def trial(config):
+        import torch  # noqa: F401 - the import a trial pays
+
+        import trainers.pat  # noqa: F401
+
+        for epoch in range(epochs):
+            tune.report({"epoch": epoch})
+
+    start_local(usable_cpus())
+    t_ray = time.time()
+    tuner = tune.Tuner(tune.with_resources(trial, {"cpu": 0.5}),
+                       tune_config=tune.TuneConfig(num_samples=trials),
+                       run_config=tune.RunConfig(storage_path=tempfile.mkdtemp(prefix="ray-floor-"), verbose=0))
+    tuner.fit()
+    t_tune = time.time()
+    ray.shutdown()
+    print(json.dumps({"ray_start_s": t_ray - t0, "tune_s": t_tune - t_ray, "shutdown_s": time.time() - t_tune}))
+
+
+def _ray_floor(trials: int = 4, epochs: int = 6) -> dict:
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "bench.sweep_overhead", "--ray-floor-child", f"{trials},{epochs}"],
+                          env=_env(), capture_output=True, text=True)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"Ray floor run failed:\n{proc.stderr[-3000:]}")
+    return {"wall_s": wall, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
 def _phase_table(marks: dict) -> list[dict]:
     rows = []
     for label, a, b in PHASES:
@@ -137,20 +179,30 @@ def _phase_table(marks: dict) -> list[dict]:
 
 
 def p7(pairs: int, work: Path) -> dict:
-    sweeps, local = [], []
+    sweeps, local, floor = [], [], []
     for i in range(pairs):
         local.append(_in_process(QUICKSTART))
         sweeps.append(_sweep(QUICKSTART, work, f"p7-{i}"))
+        floor.append(_ray_floor())
         s, loc = sweeps[-1], local[-1]
         print(f"pair {i}: in-process {loc['wall_s']:.1f} s (training {loc['train_s']:.1f} s), sweep "
               f"{s['wall_s']:.1f} s, first epoch starts at {s['marks'].get('first_trial_ready', float('nan')):.1f} s, "
-              f"load {os.getloadavg()[0]:.1f}", flush=True)
+              f"bare Ray + Tune {floor[-1]['wall_s']:.1f} s, load {os.getloadavg()[0]:.1f}", flush=True)
     t_sweep = statistics.median(s["wall_s"] for s in sweeps)
     t_local = statistics.median(x["wall_s"] for x in local)
     median_sweep = sorted(sweeps, key=lambda s: s["wall_s"])[len(sweeps) // 2]
     first_epoch = statistics.median(s["marks"].get("first_trial_ready", float("nan")) for s in sweeps)
+    t_train = statistics.median(x["train_s"] for x in local)
+    t_floor = statistics.median(f["wall_s"] for f in floor)
     return {"ratio": t_sweep / t_local, "sweep_s": t_sweep, "in_process_s": t_local,
-            "in_process_training_s": statistics.median(x["train_s"] for x in local),
+            "in_process_training_s": t_train,
+            # What Ray alone costs such a sweep here, and the ratio a sweep would have if everything but
+            # Ray's share and the trainings themselves were free: (bare Ray + Tune + training) / in-process
+            "ray_floor": {"what": "fresh process: local Ray started as physfarm does, Tune run of 4 function "
+                                  "trials at 0.5 CPU importing torch and the trainers, 6 empty reports each, "
+                                  "Ray shutdown (no MLflow, device, data or training); median of the runs",
+                          "wall_s": t_floor, "runs": floor,
+                          "floor_ratio": (t_floor + t_train) / t_local},
             "time_to_first_epoch_s": first_epoch, "phases": _phase_table(median_sweep["marks"]),
             "runs": [{"in_process": x, "sweep": {"wall_s": s["wall_s"], "marks": s["marks"]}}
                      for x, s in zip(local, sweeps)]}
@@ -191,7 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one P7 pair, print only (no JSON)")
     parser.add_argument("--only", choices=("p7", "p8"), default=None)
     parser.add_argument("--in-process-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--ray-floor-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.ray_floor_child:
+        trials, epochs = (int(v) for v in args.ray_floor_child.split(","))
+        _ray_floor_child(trials, epochs)
+        return 0
     if args.in_process_child:
         _in_process_child(Path(args.in_process_child))
         return 0
@@ -202,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     if res7:
         print(f"P7: {res7['ratio']:.2f} (target <= 1.5): sweep {res7['sweep_s']:.1f} s, in-process "
               f"{res7['in_process_s']:.1f} s (training {res7['in_process_training_s']:.1f} s); first epoch at "
-              f"{res7['time_to_first_epoch_s']:.1f} s (target <= 10 s)")
+              f"{res7['time_to_first_epoch_s']:.1f} s (target <= 10 s); bare Ray + Tune {res7['ray_floor']['wall_s']:.1f} s, "
+              f"floor ratio {res7['ray_floor']['floor_ratio']:.2f}")
         for row in res7["phases"]:
             print(f"  {row['phase']:<48} {row['seconds']:6.2f} s")
     if res8:
