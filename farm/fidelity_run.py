@@ -1,8 +1,8 @@
 """The multifidelity strategy's two Tune runs (farm.fidelity says what each fidelity is).
 
 `run_phases(plan, make_tuner)` is what farm.sweep.run calls in place of one Tuner: fidelity 0 for
-every screened configuration, then the promoted ones as PAT on the device under ASHA on device
-seconds. Returns the results of both runs (screened first), which farm.sweep.collect turns into one
+every screened configuration, then the promoted ones (PAT or PhyLL, ranked together) on the device
+under ASHA on device seconds. Returns the results of both runs (screened first), which farm.sweep.collect turns into one
 row per child run.
 """
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 from ray import tune
 
 from .data import DataConfig, load_dataset
-from .fidelity import (PROMOTED, FidelityInfo, fidelity_plan, grace_seconds, max_t_default, n_rungs, promote)
+from .fidelity import (PROMOTED, FidelityInfo, epoch_rows, fidelity_plan, grace_seconds, max_t_default, n_rungs,
+                       promote)
 from .sweep_folder import child_runs, saved_trials, write_marker
 from .trainspec import expected_trials, resolved_config
 from .tuning import DeviceLimitScheduler, build_param_space, build_scheduler, build_search, device_limits
@@ -42,16 +43,13 @@ def run_phases(plan, make_tuner) -> list:
         t.status not in ("TERMINATED", "ERROR") for t in plan.saved.values())
     if unfinished or not done:
         return screened  # interrupted: a resume finishes the screen first
-    # ---- promotion: the best by their selected validation accuracy on the device
+    # ---- promotion: the best by their selected validation accuracy on the device, whatever their method
     chosen = promote([(tid, m) for tid, m, _ in done], fp.promote, sweep.metric, sweep.mode)
     by_id = {tid: (m, r) for tid, m, r in done}
     runs = child_runs(plan.tracker, plan.journal)
     for tid, _m, _r in done:
         if tid in runs:
             plan.journal.call("set_tag", run=runs[tid], key="physfarm.promoted", value=str(tid in chosen).lower())
-    data = load_dataset(DataConfig(**cfg.data.model_dump(mode="json")))
-    grace = fp.grace_period or grace_seconds([m for m, _ in by_id.values()], len(data.y_train), len(data.y_val),
-                                             fp.fidelity1_epochs)
     cases, sources = [], {}
     for tid in chosen:
         metrics, result = by_id[tid]
@@ -61,11 +59,17 @@ def run_phases(plan, make_tuner) -> list:
         cases.append({**train, "init_from": folder})
         sources[folder] = {"run_id": plan.journal.resolve(runs.get(tid, "")) if runs.get(tid) else "",
                            "trial_id": tid, "device_s": float(metrics.get("device_s_total", 0.0) or 0.0)}
-    epochs = max(int(resolved_config(c, plan.devices)["epochs"]) for c in cases)
+    resolved = [resolved_config(c, plan.devices) for c in cases]
+    grace = fp.grace_period
+    if not grace:
+        data = load_dataset(DataConfig(**cfg.data.model_dump(mode="json")))
+        rows = max(epoch_rows(r, len(data.y_train), len(data.y_val), data.n_classes) for r in resolved)
+        grace = grace_seconds([m for m, _ in by_id.values()], rows, fp.fidelity1_epochs)
+    epochs = max(int(r["epochs"]) for r in resolved)
     max_t = fp.max_t or max_t_default(grace, epochs, fp.fidelity1_epochs)
     write_marker(plan.folder, fidelity={"promoted": chosen, "grace_s": grace, "max_t": max_t,
                                         "screened": len(done)})
-    # ---- fidelities 1 and 2: PAT on the device from the in-silico weights, ASHA on device seconds
+    # ---- fidelities 1 and 2: each its method on the device from its fidelity-0 weights, ASHA on device seconds
     inner = None
     if fp.keep < fp.promote and n_rungs(grace, max_t, fp.reduction_factor) > 0:
         from ray.tune.schedulers import AsyncHyperBandScheduler
@@ -79,7 +83,7 @@ def run_phases(plan, make_tuner) -> list:
     info = FidelityInfo(stage=1, grace_s=grace, experiment_id=plan.tracker.experiment_id, sources=sources)
     second = make_tuner(folder=folder, restore=tune.Tuner.can_restore(str(folder)),
                         param_space={"train": tune.grid_search(cases)}, scheduler=scheduler, num_samples=1,
-                        fidelity=info, title=f"sweep '{plan.name}', fidelities 1-2 (PAT on the device)")
+                        fidelity=info, title=f"sweep '{plan.name}', fidelities 1-2 (on the device)")
     promoted = list(second.fit())
     plan.saved = {**plan.saved, **saved_trials(folder)}
     return screened + promoted

@@ -23,8 +23,9 @@ from farm.errors import ConfigError
 from farm.fidelity import promote
 from farm.sweep import read_marker, run_sweep
 from farm.tracking import PARENT_TAG
-from trainers.config import InSilicoConfig, PATConfig
+from trainers.config import InSilicoConfig, PATConfig, PhyLLConfig
 from trainers.pat import train_insilico, train_pat
+from trainers.phyll import train_phyll
 
 DOWN = {"kind": "downsample", "size": [4, 4]}
 OSC = {"name": "osc", "system": {"kind": "oscillators", "n": 16, "seed": 0}}
@@ -105,6 +106,54 @@ def test_multifidelity_sweep_promotes_the_best_screened_and_tags_every_run(ray_s
     assert len(outcome.rows) == 6 and all(r.status == "TERMINATED" for r in outcome.rows)
 
 
+def test_mixed_methods_are_screened_on_the_twin_and_promoted_together(ray_session, tmp_path, store):
+    """PAT and PhyLL in one sweep: each screened with the twin standing in for the device (PhyLL's
+    screen measures the device for its one validation pass only), ranked together by validation on
+    the device; the promoted PhyLL trial runs PhyLL on the device from its screen's weights, tagged as
+    PAT's are."""
+    train = {"method": {"grid": ["pat", "phyll"]}, "pat": {"batch_size": 8, "lr": 0.1},
+             "phyll": {"lr": {"grid": [1e-6, 0.03]}, "train_eval_size": 0}}  # a PhyLL that cannot learn
+    sweep = {"scheduler": {"kind": "multifidelity", "promote": 2, "keep": 1}}
+    outcome = run_sweep(parse_config(_raw(tmp_path, "mfmixed", train, sweep)), tracking_uri=store)
+
+    data = load_dataset(DataConfig(kind="digits", limit=200))
+    n_train, n_val, blocks = len(data.y_train), len(data.y_val), 2  # PhyLL's default n_blocks
+    runs = _children(store, outcome)
+    screened = [r for r in runs if r.data.tags.get("physfarm.fidelities") == "0"]
+    promoted = [r for r in runs if r.data.tags.get("physfarm.fidelities", "").startswith("0,1")]
+    assert len(screened) == 3 and len(promoted) == 2 and len(runs) == 5
+    assert sorted(r.data.params["train.method"] for r in screened) == ["insilico", "phyll", "phyll"]
+    # ranked together: the two best screened by device validation, whatever their method
+    best = sorted(screened, key=lambda r: (-r.data.metrics["best_val_accuracy"], r.data.tags["physfarm.trial_id"]))
+    assert {r.info.run_id for r in best[:2]} == {r.data.tags["physfarm.warm_start.run_id"] for r in promoted}
+    assert {r.data.tags["physfarm.promoted"] for r in best[:2]} == {"true"}
+    assert best[2].data.params["train.lr"] == "1e-06" and best[2].data.tags["physfarm.promoted"] == "false"
+    assert best[2].data.metrics["best_val_accuracy"] < 0.2 < best[1].data.metrics["best_val_accuracy"]
+    assert sorted(r.data.params["train.method"] for r in promoted) == ["pat", "phyll"]
+
+    screen = best[1] if best[1].data.params["train.method"] == "phyll" else best[0]
+    run = next(r for r in promoted if r.data.params["train.method"] == "phyll")
+    assert screen.data.params["train.in_silico"] == "True" and run.data.params["train.in_silico"] == "False"
+    # the screen's device use: one validation pass (each block, every candidate label), nothing else
+    assert screen.data.metrics["device_rows_total"] == blocks * n_val * data.n_classes
+    assert "test_accuracy" not in screen.data.metrics
+    # PhyLL on the device measures the training set each epoch besides: far more rows and seconds
+    epochs = len(MlflowClient(store).get_metric_history(run.info.run_id, "loss"))  # one per epoch
+    tested = blocks * len(data.y_test) * data.n_classes if "test_accuracy" in run.data.metrics else 0
+    assert run.data.metrics["device_rows_total"] == epochs * blocks * (2 * n_train + n_val * data.n_classes) + tested
+    assert run.data.metrics["device_s_total"] > 1.5 * screen.data.metrics["device_s_total"]
+    tags = run.data.tags
+    assert tags["physfarm.warm_start.run_id"] == screen.info.run_id
+    assert tags["physfarm.warm_start.trial_id"] == screen.data.tags["physfarm.trial_id"]
+    assert tags["physfarm.warm_start.url"].endswith(f"/runs/{screen.info.run_id}")
+    assert float(tags["physfarm.device_s.fidelity0"]) == pytest.approx(screen.data.metrics["device_s_total"], rel=1e-3)
+    f1, f2 = (float(tags[f"physfarm.device_s.fidelity{k}"]) for k in (1, 2))
+    assert f1 > 0 and f1 + f2 == pytest.approx(run.data.metrics["device_s_total"], rel=1e-3)
+    assert tags["physfarm.fidelities"] == ("0,1,2" if f2 > 0 else "0,1")
+    assert run.data.params["train.init_from"] != "None"
+    assert all(r.status == "TERMINATED" for r in outcome.rows)
+
+
 def test_a_failed_screened_trial_does_not_hold_up_promotion(ray_session, tmp_path, store):
     """One configuration's device fails every call: its screen ends in ERROR, the other is promoted,
     and the sweep finishes (not 'interrupted')."""
@@ -148,6 +197,68 @@ def test_warm_start_begins_at_the_in_silico_accuracy_not_at_chance(digits, tmp_p
     assert last["best_val_accuracy_twin"] == max(h["val_accuracy_twin"] for h in screen.history)
     with pytest.raises(ValueError, match="init_from"):
         train_pat(PATConfig(**still, init_from=str(tmp_path / "nowhere")), device, digits)
+
+
+class Counted:
+    """A device that counts the rows it measures."""
+
+    def __init__(self, inner):
+        self.inner, self.rows = inner, 0
+
+    @property
+    def spec(self):
+        return self.inner.spec
+
+    def forward(self, x, theta):
+        self.rows += x.shape[0]
+        return self.inner.forward(x, theta)
+
+    def ideal_model(self):
+        return self.inner.ideal_model()
+
+
+def test_phyll_warm_start_begins_at_the_in_silico_accuracy_not_at_chance(digits, tmp_path):
+    """PhyLL's screen trains with the twin standing in for the device and measures the device's
+    validation once; warm-started from it (a learning rate too small to move anything), PhyLL's first
+    epoch on the device is at that accuracy, its standardisation measured again on the device; from
+    scratch, chance."""
+    device = Oscillators(n=16, seed=0)
+    counted, states, calls = Counted(device), [], []
+    base = {"batch_size": 32, "encoder": DOWN, "final_test": False, "train_eval_size": 0}
+    screen = train_phyll(PhyLLConfig(**base, epochs=4, lr=0.01, in_silico=True), counted, digits,
+                         report=lambda m, s: (states.append(s), calls.append(m["device_calls"])))
+    torch.save(states[-1], tmp_path / "state.pt")
+    # the device measured one validation pass (every candidate label, each block), after the last epoch
+    assert counted.rows == 2 * len(digits.y_val) * digits.n_classes and calls[:3] == [0, 0, 0] and calls[3] > 0
+    assert [h["val_accuracy"] != h["val_accuracy"] for h in screen.history] == [True, True, True, False]
+    last = screen.history[-1]
+    assert last["best_val_accuracy"] == last["val_accuracy"] and 1 <= last["best_epoch"] <= 4
+    assert last["best_val_accuracy_twin"] == max(h["val_accuracy_twin"] for h in screen.history)
+    start = last["best_val_accuracy"]
+    assert start > 0.35  # the in-silico training learned (chance: 0.1)
+
+    still = {**base, "epochs": 1, "lr": 1e-7}
+    warm = train_phyll(PhyLLConfig(**still, init_from=str(tmp_path)), device, digits)
+    cold = train_phyll(PhyLLConfig(**still), device, digits)
+    assert warm.history[0]["val_accuracy"] == pytest.approx(start, abs=0.1)  # 4 of 42 rows: noise, calibration
+    assert cold.history[0]["val_accuracy"] < 0.25
+    # the first measurement standardised the features again, on the device: block 0 measured the same
+    # rows on it as the cold start did (same theta, same negatives), not the twin's
+    source = states[-1]["selection"]["weights"]["blocks.0.mu"]
+    mine, scratch = warm.state["model"]["blocks.0.mu"], cold.state["model"]["blocks.0.mu"]
+    assert float((mine - scratch).abs().max()) < 0.2 * float((mine - source).abs().max())
+
+    # another method's checkpoint, or another network's, is refused naming the field
+    pat = []
+    train_insilico(InSilicoConfig(epochs=1, batch_size=32, encoder=DOWN, final_test=False), device, digits,
+                   report=lambda m, s: pat.append(s))
+    torch.save(pat[-1], tmp_path / "pat.pt")
+    with pytest.raises(ValueError, match=r"init_from: .*pat\.pt is a 'insilico' training's checkpoint"):
+        train_phyll(PhyLLConfig(**still, init_from=str(tmp_path / "pat.pt")), device, digits)
+    with pytest.raises(ValueError, match=r"init_from: .* is a 'phyll' training's checkpoint"):
+        train_pat(PATConfig(epochs=1, batch_size=32, encoder=DOWN, init_from=str(tmp_path)), device, digits)
+    with pytest.raises(ValueError, match="init_from: .* holds another network's weights"):
+        train_phyll(PhyLLConfig(**still, n_blocks=1, init_from=str(tmp_path)), device, digits)
 
 
 # ---- the budget ------------------------------------------------------------------------------------------
@@ -202,7 +313,13 @@ def test_console_shows_the_remaining_budget():
     ({"scheduler": {"kind": "multifidelity", "promote": 5}}, {"seed": {"grid": [0, 1, 2]}}, "sweep.scheduler.promote: 5 of 3"),
     ({"scheduler": {"kind": "multifidelity", "keep": 3, "promote": 2}}, {"seed": {"grid": [0, 1, 2]}},
      "sweep.scheduler.keep: 3"),
-    ({"scheduler": {"kind": "multifidelity"}}, {"method": "phyll"}, "train.method: 'phyll' with sweep.scheduler kind"),
+    ({"scheduler": {"kind": "multifidelity"}}, {"method": {"grid": ["pat", "phyll", "digital"]}},
+     "train.method: 'digital' with sweep.scheduler kind 'multifidelity'.* Allowed: pat, phyll"),
+    ({"scheduler": {"kind": "multifidelity"}}, {"method": "phyll", "in_silico": True},
+     "train.in_silico: set by sweep.scheduler kind 'multifidelity' itself"),
+    ({"scheduler": {"kind": "multifidelity"}}, {"method": {"grid": ["pat", "phyll"]}, "phyll": {"in_silico": False}},
+     "train.phyll.in_silico: set by sweep.scheduler kind 'multifidelity' itself"),
+    ({}, {"method": "phyll", "in_silico": "sometimes"}, "train.in_silico"),
     ({"scheduler": {"kind": "multifidelity", "perturbation_interval": 1}}, {}, "not a setting of kind 'multifidelity'"),
     ({"scheduler": {"kind": "multifidelity", "time_attr": "training_iteration"}}, {}, "time_attr: 'training_iteration'"),
     ({"scheduler": {"kind": "asha", "promote": 2}}, {}, "sweep.scheduler.promote: not a setting of kind 'asha'"),

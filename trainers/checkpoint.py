@@ -69,3 +69,21 @@ def selected_weights(state: dict) -> dict:
     else its last epoch's."""
     best = state.get("selection") or {}
     return best.get("weights") if best.get("weights") is not None else state["model"]
+
+
+def load_init(path: str, methods: tuple[str, ...] | None = None) -> dict:
+    """The state a warm start (`init_from`) begins from: `path` is a checkpoint folder holding state.pt,
+    or the file. `methods`: the training methods whose checkpoints are accepted (ValueError naming
+    `init_from` for another's; a state saved without its config is left to the weights' load)."""
+    from pathlib import Path
+
+    file = Path(path) / "state.pt" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise ValueError(f"init_from: {path} is neither a checkpoint folder with state.pt nor a state file; "
+                         f"give the folder of the training to warm-start from")
+    state = torch.load(file, weights_only=False)
+    made_by = (state.get("config") or {}).get("method") if isinstance(state, dict) else None
+    if methods and made_by is not None and made_by not in methods:
+        raise ValueError(f"init_from: {path} is a '{made_by}' training's checkpoint; this training warm-starts "
+                         f"only from {' or '.join(repr(m) for m in methods)} checkpoints (the same network)")
+    return state

@@ -279,6 +279,20 @@ class PhyLLConfig(TrainerConfig):
     encoder: EncoderConfig | None = Field(
         default=None, description="how the data meet the device: tile, pad or downsample (fixed maps; "
         "PhyLL trains no encoder); default tile where the features fit, more features are refused")
+    in_silico: bool = Field(
+        default=False, description="train with the twin (`twin`) standing in for the device: every forward "
+        "pass of training and of the per-epoch validation goes to the twin, epochs are selected on the twin's "
+        "validation, and the device measures the validation split once, on the selected weights, after the "
+        "last epoch (and the test split, with final_test). The device is used for that pass and for any twin "
+        "data collection only (the multifidelity sweep's screen)")
+    twin: TwinConfig = Field(default_factory=TwinConfig,
+                             description="the twin that stands in for the device with in_silico (a kind name "
+                                         "or a mapping, as PAT's); unused otherwise")
+    init_from: str | None = Field(
+        default=None, description="warm start: a checkpoint folder (holding state.pt) or a state.pt file of a "
+        "PhyLL training with the same blocks, width and device, e.g. an in_silico one; training starts from "
+        "its weights selected by validation (theta and goodness vectors included) with a fresh optimizer and "
+        "epoch count. Each block's feature standardisation is measured again at its first measurement")
 
     @model_validator(mode="after")
     def _encoder_kind(self) -> "PhyLLConfig":

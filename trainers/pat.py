@@ -11,13 +11,13 @@ from collections.abc import Mapping
 
 import torch
 
-from .checkpoint import restore, selected_weights, training_state
+from .checkpoint import load_init, restore, selected_weights, training_state
 from .config import InSilicoConfig, PATConfig
 from .metering import MeteredDevice
 from .networks import PNN
 from .optim import epoch_lr, make_optimizer
 from .results import result_of
-from .selection import Selection, evaluate, final_pass, predict_labels
+from .selection import Selection, evaluate, final_pass, predict_labels, select_on_twin
 from .twin_keeper import TwinDevice, TwinKeeper
 from .types import Dataset, DataShape, Report, TrainResult
 
@@ -170,7 +170,7 @@ def _train(config: PATConfig, device, data: Dataset, report: Report | None, stat
     twin_fit_calls = run.obtain_twins()  # twin measurements before the first epoch
     model = run.build(config, data.shape, gen)
     setup = (run.calls(), run.rows())  # the calibration's calls count in the first epoch's device_calls
-    warm = load_init(config.init_from) if state is None and config.init_from else None
+    warm = load_init(config.init_from, ("pat", "insilico")) if state is None and config.init_from else None
     if warm is not None:
         # Warm start: the other training's selected weights, its readout choice (a buffer) and
         # rescalings included; no calibration batch is measured (it would overwrite them).
@@ -281,19 +281,10 @@ def _train(config: PATConfig, device, data: Dataset, report: Report | None, stat
 
 def _select_on_twin(model: PNN, selection: Selection, epoch: int, extra: dict, data: Dataset,
                     config: PATConfig) -> tuple[float, float, dict]:
-    """In-silico `device_val: selected`: the epoch is offered to the selection with its validation on
-    the twin; only after the last epoch are the selected weights measured on the device, once. Returns
-    (val_accuracy, val_loss on the device: NaN before the last epoch, the selection's metrics, whose
-    best_val_accuracy is the device's figure once measured)."""
-    selection.offer(epoch, extra["val_accuracy_twin"], extra["val_loss_twin"], model.state_dict())
-    chosen = {f"{k}_twin" if k == "best_val_accuracy" else k: v for k, v in selection.metrics().items()}
-    if epoch < config.epochs:
-        return float("nan"), float("nan"), chosen
-    now = {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(selection.state()["weights"])
-    val_acc, val_loss = evaluate(model, data.x_val, data.y_val, config.eval_batch_size)  # on the device
-    model.load_state_dict(now)
-    return val_acc, val_loss, {**chosen, "best_val_accuracy": val_acc, "best_val_loss": val_loss}
+    """In-silico `device_val: selected` (`trainers.selection.select_on_twin`)."""
+    return select_on_twin(selection, epoch, extra["val_accuracy_twin"], extra["val_loss_twin"], model.state_dict(),
+                          epoch >= config.epochs, model.load_state_dict,
+                          lambda: evaluate(model, data.x_val, data.y_val, config.eval_batch_size))  # on the device
 
 
 def train_pat(config: PATConfig, device, data: Dataset, report: Report | None = None,
@@ -321,17 +312,6 @@ def train_insilico(config: InSilicoConfig, device, data: Dataset, report: Report
     `train_accuracy` is on the twin. The device is used only to obtain the twin (if fitted), to
     validate and for the final test pass."""
     return _train(config, device, data, report, state, twin, OnTwin())
-
-
-def load_init(path: str) -> dict:
-    """The state a warm start begins from: `path` is a checkpoint folder holding state.pt, or the file."""
-    from pathlib import Path
-
-    file = Path(path) / "state.pt" if Path(path).is_dir() else Path(path)
-    if not file.is_file():
-        raise ValueError(f"init_from: {path} is neither a checkpoint folder with state.pt nor a state file; "
-                         f"give the folder of the training to warm-start from")
-    return torch.load(file, weights_only=False)
 
 
 # ---- the trainer contract (trainers.registry) --------------------------------------------------------

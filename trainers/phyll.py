@@ -13,6 +13,13 @@ Only forward passes reach the device; gradients exist only inside each block's l
 learns from its own local loss on its own measurements. Nothing is trained across blocks, and no
 twin of the device is needed.
 
+In silico (`in_silico=True`, the multifidelity sweep's screen): the twin (`config.twin`, obtained as
+PAT obtains it, `trainers.twin_keeper`) stands in for the device in every forward pass of training and
+of the per-epoch validation; epochs are selected on the twin's validation, and the device measures
+the validation split once, on the selected weights, after the last epoch. Warm start (`init_from`):
+the weights of another PhyLL training's selected epoch; each block's feature standardisation is
+measured again at its first measurement here.
+
 Choices (documented, not trained):
 - Block 0 input: the features x in [0, 1] are clamped to [0, 1], tiled/truncated to n_inputs and
   (supervised) the first n_classes entries are replaced by the one-hot label scaled to the row's
@@ -52,10 +59,11 @@ from .config import PhyLLConfig
 from .encoders import build_encoder
 from .metering import MeteredDevice
 from .networks import tile_to
-from .checkpoint import restore, training_state
+from .checkpoint import load_init, restore, selected_weights, training_state
 from .optim import Adam, make_optimizer
 from .results import result_of
-from .selection import Selection, final_pass
+from .selection import Selection, final_pass, select_on_twin
+from .twin_keeper import TwinDevice, TwinKeeper
 from .types import Dataset, Report, TrainResult
 
 _EPS = 1e-8
@@ -276,6 +284,32 @@ def _accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred == y).float().mean()) if y.numel() else 0.0
 
 
+def _val_figures(net: PhyLLNet, device, data: Dataset, rows_per_call: int, alpha: float) -> tuple[float, float]:
+    """(accuracy, cross-entropy of the class scores) of the validation split, measured on `device`."""
+    val_scores = scores(net, device, data.x_val, rows_per_call, alpha)
+    acc = _accuracy(val_scores.argmax(dim=1), data.y_val)
+    loss = float(torch.nn.functional.cross_entropy(val_scores, data.y_val)) if len(data.y_val) else math.nan
+    return acc, loss
+
+
+def warm_start(net: PhyLLNet, path: str) -> None:
+    """Load the selected weights of the PhyLL training at `path` (`init_from`) into `net`."""
+    warm = load_init(path, ("phyll",))
+    try:
+        net.load_state_dict(selected_weights(warm))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1].strip() if str(err).strip() else type(err).__name__
+        raise ValueError(f"init_from: {path} holds another network's weights ({first}); warm-start from a "
+                         f"PhyLL training with the same blocks, width, skip and device") from None
+    # The linear layers, theta and goodness vectors are the source's. Its feature standardisation
+    # (mu, sigma) is not kept: it was measured where the source trained (for the multifidelity screen,
+    # on the twin), and the twin's statistics are not the device's. Each block calibrates again at its
+    # first measurement here, on this device. The outputs a block reads stay those it was trained on
+    # (an output that does not vary on this device is dropped besides).
+    for block in net.blocks:
+        block.calibrated.fill_(False)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------
@@ -283,14 +317,23 @@ def train_phyll(config: PhyLLConfig, device, data: Dataset, report: Report | Non
                 state: dict | None = None, twin=None) -> TrainResult:
     """Train a PhyLL network on `device` (anything with the `Device` protocol); forward passes only.
 
-    `twin` is accepted for a uniform signature and ignored: PhyLL needs no model of the device.
-    `state` (from `report`) resumes training. Accuracies are measured on the device.
+    `state` (from `report`) resumes training. Accuracies are measured on the device, except with
+    `config.in_silico`: then training and the per-epoch validation measure the twin (`twin` if given, else
+    `config.twin`'s; `val_accuracy_twin`), and the device measures the validation split once, after
+    the last epoch, on the weights the twin's validation selected (`val_accuracy`, NaN before). Without
+    `in_silico`, `twin` is ignored: PhyLL needs no model of the device.
     """
-    del twin
     torch.set_num_threads(config.torch_threads)
     gen = torch.Generator().manual_seed(config.seed)
     metered = MeteredDevice(device)
     spec = metered.spec
+    keeper = None
+    if config.in_silico:  # twin data collection, if any, measures the device (first epoch's device_calls)
+        saved = ((state or {}).get("twins") or [None])[0]
+        keeper = TwinKeeper(config.twin, metered, twin, saved, init_width=config.theta_scale)
+        keeper.obtain()
+    # where training (and, in silico, the per-epoch validation) measures
+    sim = TwinDevice(keeper.twin, spec) if keeper is not None else metered
     rows_per_call = max(1, min(spec.max_rows, config.eval_batch_size))
     net = PhyLLNet(spec, config, data.n_features, data.n_classes, gen, data.image_shape)
     decay = config.weight_decay
@@ -301,11 +344,15 @@ def train_phyll(config: PhyLLConfig, device, data: Dataset, report: Report | Non
     n_train_eval = min(config.train_eval_size, n)
     train_eval_idx = torch.randperm(n, generator=gen)[:n_train_eval]
     history, start_epoch = restore(state, net, optimizers, gen)
+    if state is None and config.init_from:
+        warm_start(net, config.init_from)
     selection = Selection((state or {}).get("selection"))
 
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.monotonic()
-        calls0, rows0 = metered.calls, metered.rows
+        train0 = metered.calls, metered.rows
+        # the first epoch of this run counts the twin's data collection too
+        calls0, rows0 = (0, 0) if epoch == start_epoch + 1 else train0
         x = data.x_train
         if config.unsupervised:
             u = torch.cat([net.first_input(x, None), net.first_input(hybrid_negatives(x, gen), None)])
@@ -314,7 +361,7 @@ def train_phyll(config: PhyLLConfig, device, data: Dataset, report: Report | Non
             u = torch.cat([net.first_input(x, data.y_train), net.first_input(x, y_neg)])
         block_losses, pos_outputs = [], []
         for block, opt in zip(net.blocks, opts):
-            phi = measure(metered, u, block.theta, spec, rows_per_call)  # one measurement per epoch
+            phi = measure(sim, u, block.theta, spec, rows_per_call)  # one measurement per epoch
             block.calibrate(phi)
             feats = block.features(phi, u)
             f_pos, f_neg = feats[:n], feats[n:]
@@ -338,7 +385,7 @@ def train_phyll(config: PhyLLConfig, device, data: Dataset, report: Report | Non
                 z = block(feats)  # updated layer; detached: nothing flows to the next block
             pos_outputs.append(z[:n])
             u = net.next_input(z)
-        calls_train, rows_train = metered.calls - calls0, metered.rows - rows0
+        calls_train, rows_train = metered.calls - train0[0], metered.rows - train0[1]
 
         if config.unsupervised:
             feats = readout_features(pos_outputs)
@@ -354,21 +401,31 @@ def train_phyll(config: PhyLLConfig, device, data: Dataset, report: Report | Non
             with torch.no_grad():
                 train_acc = _accuracy(net.readout(feats).argmax(dim=1), data.y_train)
         elif n_train_eval:
-            pred = predict(net, metered, data.x_train[train_eval_idx], rows_per_call)
+            pred = predict(net, sim, data.x_train[train_eval_idx], rows_per_call)
             train_acc = _accuracy(pred, data.y_train[train_eval_idx])
         else:
             train_acc = float("nan")
-        val_scores = scores(net, metered, data.x_val, rows_per_call, config.alpha)
-        val_acc = _accuracy(val_scores.argmax(dim=1), data.y_val)
-        val_loss = float(torch.nn.functional.cross_entropy(val_scores, data.y_val)) if len(data.y_val) else math.nan
-        selection.offer(epoch, val_acc, val_loss, net.state_dict())
+        extra: dict = {}
+        if keeper is not None:  # selected on the twin; the device validates the selected weights once
+            twin_acc, twin_loss = _val_figures(net, sim, data, rows_per_call, config.alpha)
+            extra = {"val_accuracy_twin": twin_acc, "val_loss_twin": twin_loss, **keeper.metrics()}
+            val_acc, val_loss, chosen = select_on_twin(
+                selection, epoch, twin_acc, twin_loss, net.state_dict(), epoch >= config.epochs,
+                net.load_state_dict, lambda: _val_figures(net, metered, data, rows_per_call, config.alpha))
+            if epoch == start_epoch + 1 and state is None and keeper.calls:
+                extra["twin_fit_calls"] = keeper.calls
+        else:
+            val_acc, val_loss = _val_figures(net, metered, data, rows_per_call, config.alpha)
+            selection.offer(epoch, val_acc, val_loss, net.state_dict())
+            chosen = selection.metrics()
         metrics = {
             "epoch": epoch,
             "loss": sum(block_losses) / len(block_losses),
-            "train_accuracy": train_acc,
+            "train_accuracy": train_acc,  # on the twin in silico
             "val_accuracy": val_acc,  # measured on the device
             "val_loss": val_loss,  # cross-entropy of the class scores (alpha x summed goodness)
-            **selection.metrics(),
+            **chosen,
+            **extra,
             "device_calls": metered.calls - calls0,
             "device_rows": metered.rows - rows0,
             "device_calls_train": calls_train,
@@ -390,6 +447,7 @@ def train_phyll(config: PhyLLConfig, device, data: Dataset, report: Report | Non
             metrics.update(device_calls=metered.calls - calls0, device_rows=metered.rows - rows0)
         history.append(metrics)
         state = training_state(net, optimizers, gen, history, epoch, selection, config, weights=weights,
+                               **({"twins": [keeper.state()]} if keeper is not None else {}),
                                **({"test_predictions": final["test_predictions"]} if final else {}))
         if report is not None:
             report(dict(metrics), state)

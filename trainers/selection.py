@@ -71,6 +71,26 @@ def evaluate(logits_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     return correct / n, loss / n
 
 
+def select_on_twin(selection: Selection, epoch: int, twin_accuracy: float, twin_loss: float, weights: dict,
+                   last: bool, load: Callable[[dict], None],
+                   on_device: Callable[[], tuple[float, float]]) -> tuple[float, float, dict]:
+    """Selection for a training on a twin whose device measures the validation split once (insilico's
+    `device_val: selected`, PhyLL's `in_silico`): the epoch is offered with its validation on the twin;
+    after the `last` epoch only, the selected weights are loaded, measured on the device (`on_device()`
+    -> (accuracy, loss)) and `weights` (the live state_dict) put back. Returns (val_accuracy, val_loss on
+    the device: NaN before the last epoch, the selection's metrics, whose best_val_accuracy is the
+    device's figure once measured; the twin's is best_val_accuracy_twin)."""
+    selection.offer(epoch, twin_accuracy, twin_loss, weights)
+    chosen = {f"{k}_twin" if k == "best_val_accuracy" else k: v for k, v in selection.metrics().items()}
+    if not last:
+        return math.nan, math.nan, chosen
+    now = {k: v.clone() for k, v in weights.items()}
+    load(selection.state()["weights"])
+    val_acc, val_loss = on_device()
+    load(now)
+    return val_acc, val_loss, {**chosen, "best_val_accuracy": val_acc, "best_val_loss": val_loss}
+
+
 def final_pass(selection: Selection, load: Callable[[dict], None], predict_test: Callable[[], torch.Tensor],
                y_test: torch.Tensor) -> dict:
     """Load the selected weights and measure the test split once. Returns the metrics to report

@@ -1,6 +1,7 @@
-"""A PAT training's digital twin over time: obtained once (given, restored, cached or fitted), probed
-against the device on the epoch's last minibatches, refitted on drift or on schedule; and `TwinDevice`,
-a twin posing as the device (in-silico training measures on it)."""
+"""A training's digital twin over time (PAT's, and the one in-silico training and PhyLL's `in_silico`
+measure): obtained once (given, restored, cached or fitted), probed against the device on the epoch's
+last minibatches, refitted on drift or on schedule; and `TwinDevice`, a twin posing as the device
+(in-silico training measures on it)."""
 from __future__ import annotations
 
 import copy
