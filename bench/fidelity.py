@@ -77,13 +77,14 @@ def sweep_config(name: str, label: str, folder: Path, sweep: dict) -> dict:
 
 
 def audit_device_s(sweep: str) -> float:
-    """Device seconds the audit log charged the sweep's trials (both Tune runs of a multifidelity one)."""
+    """Device seconds the audit log charged the sweep's trials (both Tune runs of a multifidelity one:
+    `<sweep>/<trial>`, `<sweep>/promoted/<trial>`)."""
     total = 0.0
     for path in Path(os.environ["PHYSFARM_AUDIT_DIR"]).glob("*.jsonl"):
         for line in path.read_text().splitlines():
             rec = json.loads(line)
             run = str(rec.get("run", ""))
-            if "duration_s" in rec and (run.startswith(f"{sweep}/") or run.startswith(f"{sweep}.promoted/")):
+            if "duration_s" in rec and run.startswith(f"{sweep}/"):
                 total += float(rec["device_s"])
     return total
 

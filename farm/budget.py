@@ -154,14 +154,18 @@ class BudgetStopper(tune.Stopper):
 
 class BudgetCallback(tune.Callback):
     """Logs the budget on the parent run (and into the console's view) every `every_s` seconds and at
-    the end of each Tune run."""
+    the end of each Tune run, at step `budget_step(started)`: `started` is the sweep's, shared by all
+    its Tune runs (a multifidelity sweep's two, a resume's), so the last figure logged is the latest
+    by step, which is the one MLflow shows."""
 
-    def __init__(self, sweep: str, writer, parent_run: str, view=None, every_s: float = 5.0):
+    def __init__(self, sweep: str, writer, parent_run: str, view=None, every_s: float = 5.0,
+                 started: float | None = None):
         self.sweep, self.parent_run, self.view, self.every_s = sweep, parent_run, view, every_s
         self.journal_dir = str(writer.folder)
         self.uri = writer.uri
         self._writer = writer
-        self._t0, self._logged = time.monotonic(), -1e9
+        self.started = time.time() if started is None else float(started)
+        self._logged = -1e9
 
     def __getstate__(self):  # Tune pickles callbacks: the writer is found again by its folder
         state = dict(self.__dict__)
@@ -184,7 +188,7 @@ class BudgetCallback(tune.Callback):
         figures = budget_figures(self.sweep)
         if figures is None:
             return None
-        log_budget(self.writer, self.parent_run, figures, int(now - self._t0))
+        log_budget(self.writer, self.parent_run, figures, budget_step(self.started))
         if self.view is not None:
             self.view.budget = budget_line(figures)
         return figures
@@ -202,6 +206,12 @@ def budget_line(figures: dict) -> str:
             f"({figures['spent_s']:.1f} s spent)")
 
 
+def budget_step(started: float) -> int:
+    """The step of a budget figure logged now: whole seconds since the sweep's budget started (wall
+    clock, `started`)."""
+    return max(0, int(time.time() - started))
+
+
 def log_budget(writer, parent_run: str, figures: dict, step: int) -> None:
     ts = int(time.time() * 1000)
     writer.call("log_batch", run=parent_run, metrics=[
@@ -210,4 +220,4 @@ def log_budget(writer, parent_run: str, figures: dict, step: int) -> None:
 
 
 __all__ = ["BudgetExhaustedError", "DeviceBudget", "BudgetGate", "BudgetStopper", "BudgetCallback", "start_budget",
-           "stop_budget", "budget_figures", "budget_actor_name", "budget_line", "log_budget"]
+           "stop_budget", "budget_figures", "budget_actor_name", "budget_line", "budget_step", "log_budget"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,7 @@ class SweepPlan:
     saved: dict = field(default_factory=dict)  # trial id -> trial, Tune's saved state after the run
     expected: int | None = None  # trials in all, where not expected_trials(cfg) (multifidelity: screened + promoted)
     budget: dict | None = None  # the device budget's last figures (budget_s, spent_s, remaining_s)
+    budget_started: float | None = None  # wall time the budget first started (its metrics' steps count from it)
 
     @property
     def budget_spent(self) -> bool:
@@ -273,7 +275,9 @@ def _start_budget(plan: SweepPlan) -> None:
     if not total:
         return
     before = float((plan.marker or {}).get("device_s_spent", 0.0) or 0.0)
-    budgets.start_budget(plan.name, total, plan.devices, [f"{plan.name}/", f"{plan.name}.{PROMOTED}/"], before)
+    plan.budget_started = float((plan.marker or {}).get("budget_started") or time.time())
+    write_marker(plan.folder, budget_started=plan.budget_started)
+    budgets.start_budget(plan.name, total, plan.devices, [f"{plan.name}/"], before)
 
 
 def _end_budget(plan: SweepPlan, stream=None) -> None:
@@ -287,7 +291,7 @@ def _end_budget(plan: SweepPlan, stream=None) -> None:
     plan.budget = figures
     write_marker(plan.folder, device_s_spent=figures["spent_s"], budget_spent=figures["remaining_s"] <= 0)
     if plan.parent:
-        budgets.log_budget(plan.journal, plan.parent, figures, int(figures["spent_s"]))
+        budgets.log_budget(plan.journal, plan.parent, figures, budgets.budget_step(plan.budget_started or time.time()))
         plan.journal.call("set_tag", run=plan.parent, key="physfarm.budget_spent",
                           value=str(figures["remaining_s"] <= 0).lower())
     print(f"physfarm: sweep '{plan.name}': {budgets.budget_line(figures)}", file=stream or sys.stdout, flush=True)
@@ -382,10 +386,12 @@ def _tuner(plan: SweepPlan, verbose: int, show: bool, stream, *, folder: Path | 
     cfg = plan.cfg
     folder = folder or plan.folder
     budgeted = bool(cfg.sweep.device_budget_s)
+    # the trials' client ids at the devices: all under `<sweep>/`, the promoted ones `<sweep>/promoted/...`
+    clients = f"{plan.name}/{PROMOTED}" if fidelity is not None and fidelity.stage > 0 else plan.name
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=cfg.data.model_dump(mode="json"), devices=plan.devices,
                              pbt=uses_pbt(cfg), user=plan.context["user"], metric=cfg.sweep.metric,
-                             budget=plan.name if budgeted else None, arrays=plan.arrays),
+                             budget=plan.name if budgeted else None, arrays=plan.arrays, clients=clients),
         {"cpu": cfg.sweep.trial_cpus},
     )
     if restore if restore is not None else plan.marker is not None:
@@ -400,7 +406,8 @@ def _tuner(plan: SweepPlan, verbose: int, show: bool, stream, *, folder: Path | 
         callbacks.append(ConsoleCallback(view, plan.devices, TrialDescription(plan.keys, plan.devices),
                                          writer=plan.journal, parent_run=plan.parent, stream=stream))
     if budgeted:
-        callbacks.append(budgets.BudgetCallback(plan.name, plan.journal, plan.parent, view if show else None))
+        callbacks.append(budgets.BudgetCallback(plan.name, plan.journal, plan.parent, view if show else None,
+                                                started=plan.budget_started))
     return tune.Tuner(
         trainable,
         param_space=param_space if param_space is not None else build_param_space(cfg),

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from actors.errors import QuotaExceededError
+from actors.errors import DeviceLeasedError, QuotaExceededError
 
 from .fidelity import at_fidelity
 from .phases import mark
@@ -160,13 +160,14 @@ class EpochReporter:
 # Errors that will happen again however often the trial is retried: a bad value or file (ValueError:
 # ConfigError, DataError, TableError), a request outside the device's envelope (EnvelopeError). A trial
 # meeting one ends at once (`ended_by`), instead of Tune retrying it max_failures times. A request refused
-# for quota would be refused again until the quota renews: it ends the trial the same way.
-RECURRING = (ValueError, QuotaExceededError)
+# for quota would be refused again until the quota renews, one refused for another's lease or reservation
+# (policy refuse) until it ends: they end the trial the same way.
+RECURRING = (ValueError, QuotaExceededError, DeviceLeasedError)
 
 
 def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: bool = False,
               user: str | None = None, metric: str | None = None, budget: str | None = None,
-              arrays: dict | None = None) -> None:
+              arrays: dict | None = None, clients: str | None = None) -> None:
     """Tune trainable: validate this trial's train config, find the device once, train, report.
 
     `arrays`: the data set as the driver loaded it (farm.data.load_arrays); without it the trial loads
@@ -178,7 +179,11 @@ def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: b
     times. Any other error is raised: Tune retries it from the last checkpoint.
 
     budget: the sweep whose device budget (farm.budget) each device call is checked against; once it
-    is spent the trial stops where it is and ends normally with what it reported and checkpointed."""
+    is spent the trial stops where it is and ends normally with what it reported and checkpointed.
+
+    clients: the trial's client id at the devices is `<clients>/<trial id>` (default: the Tune
+    experiment's name). A sweep's trials are all under `<sweep name>/`, in each of its Tune runs, which
+    is what a lease held for the sweep (holder: its name) admits and what its budget counts."""
     from ray import tune
 
     from .budget import BudgetExhaustedError
@@ -186,7 +191,7 @@ def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: b
     mark("trial_start", trial=tune.get_context().get_trial_id())
     used = {"device_s_total": 0.0}
     try:
-        _run_trial(config, data, devices, pbt, used, user, budget, arrays)
+        _run_trial(config, data, devices, pbt, used, user, budget, arrays, clients)
         mark("trial_end")
     except BudgetExhaustedError:
         # Stopped mid-epoch by the sweep's budget: its last report again, with the device seconds it
@@ -202,7 +207,8 @@ def run_trial(config: dict, data: dict, devices: list[str] | None = None, pbt: b
 
 
 def _run_trial(config: dict, data: dict, devices: list[str] | None, pbt: bool, used: dict,
-               user: str | None = None, budget: str | None = None, arrays: dict | None = None) -> None:
+               user: str | None = None, budget: str | None = None, arrays: dict | None = None,
+               clients: str | None = None) -> None:
     from ray import tune
 
     from trainers.registry import method, retune_state
@@ -216,7 +222,7 @@ def _run_trial(config: dict, data: dict, devices: list[str] | None, pbt: bool, u
     m = method(name)
     train_cfg = m.config_class.model_validate(train)
     ctx = tune.get_context()
-    client_id = f"{ctx.get_experiment_name()}/{ctx.get_trial_id()}"
+    client_id = f"{clients or ctx.get_experiment_name()}/{ctx.get_trial_id()}"
     device = connect_devices(train_cfg, client_id, user, BudgetGate(budget) if budget else None)
     dataset = dataset_from(arrays) if arrays is not None else load_dataset(DataConfig(**data))
     checkpoint = tune.get_checkpoint()

@@ -1,8 +1,15 @@
-"""Shared fixtures: a real Ray per test module, a real MLflow SQLite store per test."""
+"""Shared fixtures: a real Ray per test module, a real MLflow SQLite store per test, a real lab cluster
+(`ray start` processes) per test module that asks for one."""
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
 import tempfile
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -106,3 +113,103 @@ def _no_inherited_tracking_uri(monkeypatch):
     earlier test's mlflow.set_tracking_uri) would send a sweep's writes to another store, since the
     variable outranks the config's tracking.uri. Tests of that precedence set it themselves."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+# -- a real lab cluster ------------------------------------------------------------------------------
+RAY_CLI = str(Path(sys.executable).parent / "ray")
+LAB_TOKEN = "0123456789abcdef" * 4
+
+
+def user_env(home: Path, **extra) -> dict:
+    """A user's shell: no RAY_* or PHYSFARM_* variables (nothing exported for physfarm), this HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PHYSFARM_"))}
+    env.update(HOME=str(home), PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+class RayNode:
+    """One `ray start ... --block` process in a process group of its own (its GCS, raylet and workers
+    with it): stopped by killing that group only, never `ray stop` (other Rays run here)."""
+
+    def __init__(self, args: list[str], env: dict, log: Path):
+        self.log = log
+        self.proc = subprocess.Popen([RAY_CLI, "start", *args, "--block", "--disable-usage-stats"], env=env,
+                                     stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self) -> None:
+        # The head's `ray start --block` leaves its GCS and workers running well past a SIGTERM (20 s
+        # and more): it gets a few seconds, then the group is killed (a test cluster keeps nothing).
+        for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                self.proc.poll()  # reap the leader once it exits: its zombie would keep the group alive
+                try:
+                    os.killpg(self.proc.pid, 0)
+                except ProcessLookupError:
+                    return
+                time.sleep(0.2)
+
+
+def physfarm(*args, env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "farm.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=timeout)
+
+
+_NODES = textwrap.dedent("""
+    import json, sys
+    import ray
+    from farm.raycluster import join
+    join(sys.argv[1])
+    print(json.dumps([{"id": n["NodeID"], "device_x": n["Resources"].get("device_x", 0)}
+                      for n in ray.nodes() if n["Alive"]]))
+""")
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A real lab cluster for a test module, as people start one: `ray start --head` (token
+    authentication on, as Ray turns it on when a token exists) and a second raylet, `ray start --address
+    ... --resources '{"device_x": 1}'` (the PC with the device), each its own process group stopped by
+    its own PID. physfarm runs beside it in processes of their own, with `user_env(lab["home"])` (here
+    `lab["env"]`). (tests/test_pool_cluster.py has a `lab` of its own: a cluster in the test process.)"""
+    from bench.faults import free_port
+
+    root = tmp_path_factory.mktemp("lab")
+    home = root / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(LAB_TOKEN)  # the documented place of a Ray token
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    # The head: Ray turns token authentication on by itself since a token exists (no RAY_AUTH_MODE).
+    head = RayNode(["--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
+                    "--include-dashboard", "false", "--temp-dir", str(root / "ray")], user_env(home), root / "head.log")
+    nodes = [head]
+    try:
+        env = user_env(home)
+        deadline = time.monotonic() + 90
+        while "Ray runtime started" not in head.log.read_text():
+            assert head.proc.poll() is None and time.monotonic() < deadline, head.log.read_text()[-3000:]
+            time.sleep(0.3)
+        assert "Token authentication is enabled" in head.log.read_text()
+        # The PC with the device joins as Ray documents it for a token cluster (RAY_AUTH_MODE=token).
+        worker = RayNode(["--address", address, "--num-cpus", "0", "--resources", '{"device_x": 1}'],
+                         user_env(home, RAY_AUTH_MODE="token"), root / "worker.log")
+        nodes.append(worker)
+        while True:
+            out = subprocess.run([sys.executable, "-c", _NODES, address], capture_output=True, text=True,
+                                 env=env, cwd=REPO, timeout=120)
+            assert out.returncode == 0, out.stderr[-3000:]
+            listed = json.loads(out.stdout)
+            if len(listed) == 2:
+                break
+            assert worker.proc.poll() is None and time.monotonic() < deadline, worker.log.read_text()[-3000:]
+            time.sleep(0.5)
+        device_node = next(n["id"] for n in listed if n["device_x"])
+        yield {"address": address, "home": home, "root": root, "env": env, "device_node": device_node}
+    finally:
+        for node in reversed(nodes):
+            node.stop()
