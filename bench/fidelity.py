@@ -2,6 +2,7 @@
 
     python -m bench.fidelity                 # plate and shg; writes bench/results/M1.json, M2.json
     python -m bench.fidelity --only shg      # one system (writes nothing)
+    python -m bench.fidelity --seed 1        # every seed 1: bench/runs/fidelity-seed1.json, not M1/M2
 
 For each system (its default mismatch and noise; the sizes of L2/L3's operating points, shrunk to
 run in minutes), one search space of 16 configurations: learning rate x theta init scale x physical
@@ -56,6 +57,14 @@ SYSTEMS = {
               "calibrated": {"kind": "calibrated", "calibrate": ["phi", "drive"], "samples": 512, "steps": 60,
                              "lr": 0.0003, "fit_batch": 64}},
 }
+
+
+def use_seed(seed: int) -> None:
+    """Every seed of the bench (data split, devices' mismatch, trainers, sweep) set to `seed`."""
+    global SEED
+    SEED = seed
+    for spec in SYSTEMS.values():
+        spec["system"]["seed"] = seed
 
 
 def space(name: str, cache: str) -> dict:
@@ -190,7 +199,10 @@ def verdict(summary: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", choices=sorted(SYSTEMS), default=sorted(SYSTEMS, reverse=True))
+    parser.add_argument("--seed", type=int, default=0,
+                        help="every seed (data split, device, trainer, sweep); M1/M2 are written for seed 0 only")
     args = parser.parse_args(argv)
+    use_seed(args.seed)
     folder = Path(tempfile.mkdtemp(prefix="physfarm-bench-fidelity-"))
     os.environ["PHYSFARM_AUDIT_DIR"] = str(folder / "audit")  # before Ray starts: the actors inherit it
     os.environ.setdefault("PHYSFARM_CACHE_DIR", str(folder / "cache"))
@@ -214,6 +226,14 @@ def main(argv: list[str] | None = None) -> None:
                          "test_gap_to_A": round(a["test_accuracy"] - s["test_accuracy"], 4)}
     print(json.dumps({"choice": choice, "summary": summary, "results": results}, indent=1, default=str))
     if args.only != sorted(SYSTEMS, reverse=True):
+        return
+    if args.seed != 0:  # another seed: kept beside the figures, which stay seed 0's
+        out = REPO / "bench" / "runs" / f"fidelity-seed{args.seed}.json"
+        out.write_text(json.dumps({"command": f"python -m bench.fidelity --seed {args.seed}", "seed": args.seed,
+                                   "per_system": summary, "defaults_choice": choice, "strategy_setting": key,
+                                   "verdict": verdict(summary), "systems": results,
+                                   "wall_s": round(time.monotonic() - t0, 1)}, indent=1, default=str))
+        print("wrote", out)
         return
     from bench.common import write_result
 

@@ -342,7 +342,10 @@ class MLflowCallback(tune.Callback):
         ctx = self.context
         tags = {PARENT_TAG: w.resolve(self.parent_run_id), TRIAL_TAG: trial.trial_id, SWEEP_TAG: self.sweep_name,
                 "physfarm.kind": "trial", "physfarm.method": str(resolved.get("method", "")),
-                "physfarm.device": str(resolved.get("device", "")), **context_tags(ctx)}
+                "physfarm.device": str(resolved.get("device", "")), **context_tags(ctx),
+                # a multifidelity run says its fidelity (and warm-start source) from the start, so that one
+                # failing before its first result says it too; results then update the device seconds
+                **fidelity_tags(self.fidelity, dict(trial.config.get("train", {})), {})}
         # While the store is down the run may exist already (a resumed trial): replay finds it by its tags.
         match = {PARENT_TAG: w.resolve(self.parent_run_id), TRIAL_TAG: trial.trial_id} if find else None
         name = run_name(resolved, ctx.get("name_keys") or [], trial.trial_id)

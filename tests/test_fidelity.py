@@ -172,8 +172,13 @@ def test_a_failed_screened_trial_does_not_hold_up_promotion(ray_session, tmp_pat
     status = sorted((r.config["device"], r.status) for r in outcome.rows)
     assert status == [("broken", "ERROR"), ("osc", "TERMINATED"), ("osc", "TERMINATED")], status
     assert not outcome.interrupted and read_marker(Path(outcome.path))["status"] == "finished"
-    promoted = [r for r in _children(store, outcome) if "physfarm.warm_start.run_id" in r.data.tags]
+    children = _children(store, outcome)
+    promoted = [r for r in children if "physfarm.warm_start.run_id" in r.data.tags]
     assert len(promoted) == 1 and promoted[0].data.params["train.device"] == "osc"
+    # the failed screen's run says at which fidelity it failed, though it never reported a result
+    failed = [r for r in children if r.info.status == "FAILED"]
+    assert len(failed) == 1 and failed[0].data.tags.get("physfarm.fidelities") == "0", \
+        [(r.info.status, r.data.tags.get("physfarm.fidelities")) for r in children]
 
 
 # ---- warm start ------------------------------------------------------------------------------------------
