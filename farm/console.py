@@ -27,11 +27,13 @@ class TrialLine:
     device_s: float | None = None
     status: str = "PENDING"
     retries: int = 0  # the trial's device requests retried (restarts, full queues, device faults)
+    val_on_twin: bool = False  # val_accuracy is the twin's (an in-silico screen before its device pass)
 
     def cells(self) -> tuple[str, str, str]:
         """(epoch "3/6", val accuracy, device seconds) as shown, "-" where not known yet."""
-        return (f"{self.epoch}/{self.epochs}" if self.epochs else str(self.epoch),
-                f"{self.val_accuracy:.4f}" if self.val_accuracy is not None else "-",
+        val = "-" if self.val_accuracy is None or self.val_accuracy != self.val_accuracy else (
+            f"{self.val_accuracy:.4f}" + (" twin" if self.val_on_twin else ""))
+        return (f"{self.epoch}/{self.epochs}" if self.epochs else str(self.epoch), val,
                 f"{self.device_s:.1f}" if self.device_s is not None else "-")
 
 
@@ -178,6 +180,11 @@ class ConsoleCallback(tune.Callback):
         line.status = "RUNNING"
         line.epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         line.val_accuracy = result.get("val_accuracy", line.val_accuracy)
+        line.val_on_twin = False
+        twin = result.get("val_accuracy_twin")
+        if (line.val_accuracy is None or line.val_accuracy != line.val_accuracy) and isinstance(twin, (int, float)):
+            # in silico, the device measures validation once, after the last epoch: until then the twin's
+            line.val_accuracy, line.val_on_twin = float(twin), True
         line.device_s = result.get("device_s_total", line.device_s)
         line.retries = int(result.get("device_retries", line.retries) or 0)
         self._draw()

@@ -102,9 +102,12 @@ class TrialDescription:
 
     def __call__(self, trial) -> tuple[str, int | None]:
         config = trial.config or {}
-        resolved = resolve_train(at_fidelity(dict(config.get("train", {})), config.get("fidelity")), self.devices)
-        epochs = resolved.get("epochs")
-        return run_name(resolved, self.keys, trial.trial_id), int(epochs) if isinstance(epochs, int) else None
+        train = dict(config.get("train", {}))
+        # labelled by its configuration as written (a multifidelity screen says "method=pat" as the
+        # leaderboard does, not the in-silico form it runs as); the epochs are those it runs
+        epochs = resolve_train(at_fidelity(train, config.get("fidelity")), self.devices).get("epochs")
+        label = run_name(resolve_train(train, self.devices), self.keys, trial.trial_id)
+        return label, int(epochs) if isinstance(epochs, int) else None
 
 
 class SweepStatus(str, enum.Enum):
@@ -402,12 +405,12 @@ def _tuner(plan: SweepPlan, verbose: int, show: bool, stream, *, folder: Path | 
     callbacks = [MLflowCallback(plan.journal, plan.tracker.experiment_id, plan.parent, plan.name, plan.devices,
                                 watch, plan.context, fidelity=fidelity)]
     view = SweepView(title or f"sweep '{plan.name}'")
+    if budgeted:  # before the console: its figures at the end of a Tune run are in the view the console closes with
+        callbacks.append(budgets.BudgetCallback(plan.name, plan.journal, plan.parent, view if show else None,
+                                                started=plan.budget_started))
     if show:
         callbacks.append(ConsoleCallback(view, plan.devices, TrialDescription(plan.keys, plan.devices),
                                          writer=plan.journal, parent_run=plan.parent, stream=stream))
-    if budgeted:
-        callbacks.append(budgets.BudgetCallback(plan.name, plan.journal, plan.parent, view if show else None,
-                                                started=plan.budget_started))
     return tune.Tuner(
         trainable,
         param_space=param_space if param_space is not None else build_param_space(cfg),

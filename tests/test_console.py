@@ -96,3 +96,23 @@ def test_a_restart_is_told_once_with_the_retried_requests():
     text = out.getvalue()
     assert "its actor osc#0 restarted" in text and "4 device requests retried" in text
     assert "restarted 1x" in text
+
+
+def test_an_in_silico_screen_shows_the_twins_validation_until_the_device_measures_it():
+    """A screened trial's epochs report val_accuracy NaN (the device validates once, after the last):
+    its line shows the twin's, marked, never "nan"; the device's figure replaces it when it comes."""
+    view = SweepView("sweep 'mf'")
+    out = io.StringIO()
+    callback = ConsoleCallback(view, [], _describe, stream=out, live=False, print_every_s=1e9)
+    a = _trial("t1", 0.03)
+    callback.on_trial_start(0, [a], a)
+    callback.on_trial_result(1, [a], a, {"epoch": 1, "val_accuracy": float("nan"), "val_accuracy_twin": 0.8512})
+    line = view.trials["t1"].cells()
+    assert line[1] == "0.8512 twin", line
+    callback.on_trial_result(2, [a], a, {"epoch": 2, "val_accuracy": float("nan")})
+    assert view.trials["t1"].cells()[1] == "-"
+    callback.on_trial_result(3, [a], a, {"epoch": 3, "val_accuracy": 0.8, "val_accuracy_twin": 0.86})
+    assert view.trials["t1"].cells()[1] == "0.8000"
+    callback.on_trial_complete(4, [a], a)
+    callback.on_experiment_end([a])
+    assert "nan" not in out.getvalue() and "val 0.8000" in out.getvalue()

@@ -319,6 +319,23 @@ def test_console_shows_the_remaining_budget():
     assert view.lines()[1] == "  device budget: 0.0 s left of 60.0 s (61.5 s spent)"  # never a negative left
 
 
+def test_console_labels_a_screened_trial_by_its_method_as_written_with_the_epochs_it_runs():
+    """The live console's line of a PAT configuration screened in silico says method=pat (as the
+    leaderboard does, and as a PhyLL one says phyll), with the screen's epochs."""
+    from types import SimpleNamespace
+
+    from farm.sweep import TrialDescription
+
+    describe = TrialDescription(["method", "lr"], ["osc"])
+    for method in ("pat", "phyll"):
+        train = {"method": method, "device": "osc", "epochs": 6, "lr": 0.03}
+        label, epochs = describe(SimpleNamespace(trial_id="t1", config={"train": train,
+                                                                         "fidelity": {"stage": 0, "epochs": 3}}))
+        assert f"method={method}" in label and "insilico" not in label and epochs == 3, (label, epochs)
+        label, epochs = describe(SimpleNamespace(trial_id="t2", config={"train": train}))
+        assert f"method={method}" in label and epochs == 6
+
+
 # ---- checks before Ray -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("sweep, train, needle", [
     ({"device_budget_s": 0}, {}, "sweep.device_budget_s: a budget of 0"),
