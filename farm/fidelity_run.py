@@ -81,7 +81,10 @@ def run_phases(plan, make_tuner) -> list:
         if limits else inner
     folder = plan.folder / f"{plan.name}.{PROMOTED}"
     info = FidelityInfo(stage=1, grace_s=grace, experiment_id=plan.tracker.experiment_id, sources=sources)
-    second = make_tuner(folder=folder, restore=tune.Tuner.can_restore(str(folder)),
+    # restored only by a resume of a sweep that had got this far (its marker said so): a folder left by
+    # an earlier, finished sweep of the same name is not this sweep's promoted run
+    resuming = bool(plan.marker and plan.marker.get("fidelity"))
+    second = make_tuner(folder=folder, restore=resuming and tune.Tuner.can_restore(str(folder)),
                         param_space={"train": tune.grid_search(cases)}, scheduler=scheduler, num_samples=1,
                         fidelity=info, title=f"sweep '{plan.name}', fidelities 1-2 (on the device)")
     promoted = list(second.fit())

@@ -19,7 +19,7 @@ from ray import tune
 
 from .config import FarmConfig
 from .raycluster import check_trial_cpus, init_ray, usable_cpus  # noqa: F401 - re-exported
-from .sweep_folder import (MARKER, check_resumable, config_digest, read_marker, storage_path,  # noqa: F401
+from .sweep_folder import (MARKER, check_resumable, config_digest, read_marker, reset_marker, storage_path,  # noqa: F401
                            sweep_name, write_marker)
 from .sweep_folder import child_runs as _child_runs, saved_trials as _saved_trials
 from .data import load_arrays
@@ -372,6 +372,9 @@ def _open_parent(plan: SweepPlan) -> None:
         plan.parent = tracker.resume(journal.resolve(marker["parent_run_id"]))
     else:
         plan.parent = tracker.start(cfg.model_dump(mode="json"), [d.model_dump(mode="json") for d in cfg.devices])
+        # A new sweep in the folder of a finished one of the same name: that one's record (its budget
+        # spent, its promotions) must not pass for this one's on a later --resume.
+        reset_marker(plan.folder)
     write_marker(plan.folder, parent_run_id=plan.parent, experiment_id=tracker.experiment_id,
                  experiment=cfg.tracking.experiment, tracking_uri=plan.uri, config_digest=config_digest(cfg),
                  status=SweepStatus.RUNNING.value)

@@ -52,6 +52,11 @@ def write_marker(folder: Path, **values) -> None:
     tmp.replace(folder / MARKER)
 
 
+def reset_marker(folder: Path) -> None:
+    """Forget the marker of an earlier, finished sweep in `folder` (a new sweep of the same name starts)."""
+    (Path(folder) / MARKER).unlink(missing_ok=True)
+
+
 def check_resumable(cfg: FarmConfig, uri: str, name: str, resume: bool) -> dict | None:
     """Before anything starts: a resume needs the earlier sweep, its store and the same config; a new
     sweep must not overwrite an interrupted one. Returns the marker when resuming."""

@@ -161,6 +161,26 @@ def test_mixed_methods_are_screened_on_the_twin_and_promoted_together(ray_sessio
     assert all(r.status == "TERMINATED" for r in outcome.rows)
 
 
+def test_a_new_sweep_in_a_finished_ones_folder_runs_its_own_promotions(ray_session, tmp_path, store):
+    """The same multifidelity sweep started again after it finished (same name, same folder): the new
+    sweep screens and promotes for itself; the finished one's promoted Tune run is not restored into
+    it, and its marker's budget figures do not carry over."""
+    sweep = {"scheduler": {"kind": "multifidelity", "promote": 1, "keep": 1}, "device_budget_s": 1000}
+    raw = _raw(tmp_path, "again", {"lr": {"grid": [0.01, 0.1]}, "epochs": 1}, sweep)
+    first = run_sweep(parse_config(raw), tracking_uri=store)
+    second = run_sweep(parse_config(raw), tracking_uri=store)
+    assert second.parent_run_id != first.parent_run_id
+    for outcome in (first, second):
+        runs = _children(store, outcome)
+        promoted = [r for r in runs if r.data.tags.get("physfarm.fidelities", "").startswith("0,1")]
+        assert len(runs) == 3 and len(promoted) == 1 and promoted[0].info.status == "FINISHED", \
+            [(r.info.run_name, r.info.status, r.data.tags.get("physfarm.fidelities")) for r in runs]
+    marker = read_marker(Path(second.path))
+    assert marker["parent_run_id"] == second.parent_run_id and marker["status"] == "finished"
+    spent = MlflowClient(store).get_run(second.parent_run_id).data.metrics["device_budget_spent_s"]
+    assert abs(marker["device_s_spent"] - spent) < 1e-6
+
+
 def test_a_failed_screened_trial_does_not_hold_up_promotion(ray_session, tmp_path, store):
     """One configuration's device fails every call: its screen ends in ERROR, the other is promoted,
     and the sweep finishes (not 'interrupted')."""
