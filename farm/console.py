@@ -4,7 +4,8 @@ place on a terminal (rich's Live) and printed as periodic plain lines otherwise 
 
 `SweepView` is the state, a small pure object fed by the Tune callback (`ConsoleCallback`), which
 also polls the devices and logs their figures on the sweep's MLflow run over time
-(`device.<name>.utilisation`, `.queued_rows`, `.rows_per_s`, step = seconds since the sweep began).
+(`device.<name>.utilisation`, `.queued_rows`, `.rows_per_s`, step = seconds since the sweep began,
+kept across its Tune runs and resumes).
 """
 from __future__ import annotations
 
@@ -136,7 +137,8 @@ class ConsoleCallback(tune.Callback):
 
     def __init__(self, view: SweepView, devices: list[str], describe, writer=None,
                  parent_run: str | None = None, stream=None, live: bool | None = None,
-                 poll_s: float = 2.0, print_every_s: float = 30.0, log_every_s: float = 10.0):
+                 poll_s: float = 2.0, print_every_s: float = 30.0, log_every_s: float = 10.0,
+                 started: float | None = None):
         self.view = view
         self.device_names = list(devices)
         self.describe = describe  # trial -> ("lr=0.03 seed=1", its epochs): picklable (Tune pickles callbacks)
@@ -145,7 +147,9 @@ class ConsoleCallback(tune.Callback):
         self.live_wanted = self.stream.isatty() if live is None else live
         self.poll_s, self.print_every_s, self.log_every_s = poll_s, print_every_s, log_every_s
         self._live = None
-        self._t0 = time.monotonic()
+        # the devices' metric steps: seconds (wall clock) since the sweep began, one clock for all of a
+        # sweep's Tune runs (a multifidelity sweep's two, a resume's), so later figures have later steps
+        self.started = time.time() if started is None else float(started)
         self._polled = self._printed = self._logged = -1e9
         self._pending: dict = {}
         self._last_text = ""
@@ -248,9 +252,13 @@ class ConsoleCallback(tune.Callback):
                 if handles:
                     self._pending[name] = [h.stats.remote() for h in handles]
         self._polled = now
+        self._log_devices(now)
+
+    def _log_devices(self, now: float) -> None:
+        """The devices' figures on the sweep's run, every log_every_s (monotonic `now`)."""
         if self.writer is not None and self.parent_run and now - self._logged >= self.log_every_s:
             self._logged = now
-            step, ts = int(now - self._t0), int(time.time() * 1000)
+            step, ts = max(0, int(time.time() - self.started)), int(time.time() * 1000)
             rows = []
             for d in self.view.devices.values():
                 rows += [[f"device.{d.name}.utilisation", d.utilisation, ts, step],

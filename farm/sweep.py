@@ -143,6 +143,7 @@ class SweepPlan:
     expected: int | None = None  # trials in all, where not expected_trials(cfg) (multifidelity: screened + promoted)
     budget: dict | None = None  # the device budget's last figures (budget_s, spent_s, remaining_s)
     budget_started: float | None = None  # wall time the budget first started (its metrics' steps count from it)
+    started_at: float | None = None  # wall time the sweep first started (the device metrics' steps count from it)
 
     @property
     def budget_spent(self) -> bool:
@@ -375,7 +376,8 @@ def _open_parent(plan: SweepPlan) -> None:
         # A new sweep in the folder of a finished one of the same name: that one's record (its budget
         # spent, its promotions) must not pass for this one's on a later --resume.
         reset_marker(plan.folder)
-    write_marker(plan.folder, parent_run_id=plan.parent, experiment_id=tracker.experiment_id,
+    plan.started_at = float((marker or {}).get("started_at") or time.time())
+    write_marker(plan.folder, started_at=plan.started_at, parent_run_id=plan.parent, experiment_id=tracker.experiment_id,
                  experiment=cfg.tracking.experiment, tracking_uri=plan.uri, config_digest=config_digest(cfg),
                  status=SweepStatus.RUNNING.value)
 
@@ -413,7 +415,8 @@ def _tuner(plan: SweepPlan, verbose: int, show: bool, stream, *, folder: Path | 
                                                 started=plan.budget_started))
     if show:
         callbacks.append(ConsoleCallback(view, plan.devices, TrialDescription(plan.keys, plan.devices),
-                                         writer=plan.journal, parent_run=plan.parent, stream=stream))
+                                         writer=plan.journal, parent_run=plan.parent, stream=stream,
+                                         started=plan.started_at))
     return tune.Tuner(
         trainable,
         param_space=param_space if param_space is not None else build_param_space(cfg),

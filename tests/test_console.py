@@ -116,3 +116,26 @@ def test_an_in_silico_screen_shows_the_twins_validation_until_the_device_measure
     callback.on_trial_complete(4, [a], a)
     callback.on_experiment_end([a])
     assert "nan" not in out.getvalue() and "val 0.8000" in out.getvalue()
+
+
+def test_device_figures_of_all_a_sweeps_tune_runs_log_on_one_clock():
+    """Each Tune run of a sweep (a multifidelity sweep's two, a resume) has its own console callback:
+    their device figures are logged at steps counted from the sweep's start, so a later run's figures
+    come at later steps (MLflow shows the value at the highest step), not from 0 again."""
+    import time
+
+    class Writer:
+        def __init__(self):
+            self.steps = []
+
+        def call(self, op, run, metrics):
+            assert op == "log_batch" and run == "parent"
+            self.steps += [row[3] for row in metrics if row[0] == "device.osc.utilisation"]
+
+    writer, started = Writer(), time.time() - 120.0  # the sweep began two minutes ago
+    for _run in range(2):
+        view = SweepView("s")
+        callback = ConsoleCallback(view, ["osc"], _describe, writer=writer, parent_run="parent",
+                                   stream=io.StringIO(), live=False, started=started)
+        callback._log_devices(time.monotonic())
+    assert len(writer.steps) == 2 and 120 <= writer.steps[0] <= writer.steps[1] < 180, writer.steps
