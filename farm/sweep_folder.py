@@ -1,5 +1,5 @@
 """A sweep's folder (<storage_path>/<name>) and what it says of the sweep: physfarm's marker file,
-physfarm_sweep.json (parent run, store, config digest, status, device budget spent, fidelity
+physfarm_sweep.json (parent run, store, config digest, status, start time, device budget spent, fidelity
 promotions), Tune's saved trials and the sweep's child runs in MLflow; and the checks made before
 anything starts (Ray Tune and MLflow are imported only by the functions that read them)."""
 from __future__ import annotations
