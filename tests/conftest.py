@@ -159,6 +159,45 @@ def physfarm(*args, env: dict, timeout: float = 180) -> subprocess.CompletedProc
                           cwd=REPO, timeout=timeout)
 
 
+def store_count(db: Path, sql: str) -> int:
+    """A count read from a sweep's MLflow SQLite file while the sweep writes it (read-only); 0 while
+    the file is not created yet or busy."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+        try:
+            return con.execute(sql).fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+def wait_while_running(proc: subprocess.Popen, ready, deadline: float, what: str) -> None:
+    """Poll `ready()` until true; fail with the process's stderr if it ends first, or naming `what`
+    once the monotonic `deadline` passes."""
+    while not ready():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{what} in time"
+        time.sleep(0.2)
+
+
+def sweep_signalled_when(path: Path, cwd: Path, ready, sig: int, what: str, wait_s: float = 240) -> tuple:
+    """`physfarm sweep PATH --quiet` as a subprocess, sent `sig` once `ready()` is true, waited for.
+    Returns (the ended process, its stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "farm.cli", "sweep", str(path), "--quiet"], cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_while_running(proc, ready, time.monotonic() + wait_s, what)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc, err
+
+
 _NODES = textwrap.dedent("""
     import json, sys
     import ray

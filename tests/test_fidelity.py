@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +22,8 @@ from farm.tracking import PARENT_TAG
 from trainers.config import InSilicoConfig, PATConfig, PhyLLConfig
 from trainers.pat import train_insilico, train_pat
 from trainers.phyll import train_phyll
+
+from conftest import store_count, sweep_signalled_when
 
 DOWN = {"kind": "downsample", "size": [4, 4]}
 OSC = {"name": "osc", "system": {"kind": "oscillators", "n": 16, "seed": 0}}
@@ -380,14 +378,7 @@ def test_bad_strategy_settings_fail_before_ray_naming_the_field(tmp_path, sweep,
 
 # ---- resume ------------------------------------------------------------------------------------------------
 def _promoted_runs(db: Path) -> int:
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
-        try:
-            return con.execute("select count(*) from tags where key = 'physfarm.warm_start.run_id'").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
+    return store_count(db, "select count(*) from tags where key = 'physfarm.warm_start.run_id'")
 
 
 def test_resumed_multifidelity_sweep_keeps_its_fidelity_history(tmp_path, monkeypatch):
@@ -402,19 +393,8 @@ def test_resumed_multifidelity_sweep_keeps_its_fidelity_history(tmp_path, monkey
     raw["tracking"]["uri"] = uri
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw))
-    proc = subprocess.Popen([sys.executable, "-m", "farm.cli", "sweep", str(path), "--quiet"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while _promoted_runs(db) < 1:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "no promoted trial started in time"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, err = sweep_signalled_when(path, tmp_path, lambda: _promoted_runs(db) >= 1, signal.SIGTERM,
+                                     "no promoted trial started")
     assert proc.returncode == 130, err[-3000:]
     folder = tmp_path / "ray_results" / "mfres"
     before = read_marker(folder)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,20 +18,14 @@ from farm.errors import ConfigError
 from farm.sweep import check_resumable, read_marker, run_sweep
 from farm.tracking import PARENT_TAG
 
+from conftest import store_count, sweep_signalled_when
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _finished_trials(db: Path) -> int:
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
-        try:
-            return con.execute(
-                "select count(*) from runs r join tags t on r.run_uuid = t.run_uuid "
-                "where t.key = 'physfarm.kind' and t.value = 'trial' and r.status = 'FINISHED'").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:  # not created yet, or busy
-        return 0
+    return store_count(db, "select count(*) from runs r join tags t on r.run_uuid = t.run_uuid "
+                           "where t.key = 'physfarm.kind' and t.value = 'trial' and r.status = 'FINISHED'")
 
 
 def _sweep_stopped_after_first_trial(tmp_path, name: str, sig: int) -> tuple[Path, str, subprocess.Popen, str]:
@@ -53,19 +45,7 @@ def _sweep_stopped_after_first_trial(tmp_path, name: str, sig: int) -> tuple[Pat
     }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw))
-    proc = subprocess.Popen([sys.executable, "-m", "farm.cli", "sweep", str(path), "--quiet"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while _finished_trials(db) < 1:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "no trial finished in time"
-            time.sleep(0.2)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, err = sweep_signalled_when(path, tmp_path, lambda: _finished_trials(db) >= 1, sig, "no trial finished")
     return path, uri, proc, err
 
 

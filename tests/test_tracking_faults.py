@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from bench.faults import MLflowServer
 from farm.cli import main
 from farm.mlflow_ops import JOURNAL, MlflowWriter, limit_http_retries
 from farm.tracking import PARENT_TAG
+
+from conftest import store_count, wait_while_running
 
 PHYSFARM = str(Path(sys.executable).parent / "physfarm")
 
@@ -86,14 +87,7 @@ def test_journal_keeps_writes_while_the_server_is_down_and_replays_them_once(ser
 
 
 def _epoch_points(db: Path) -> int:
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
-        try:
-            return con.execute("select count(*) from metrics where key = 'val_accuracy'").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
+    return store_count(db, "select count(*) from metrics where key = 'val_accuracy'")
 
 
 def test_server_killed_mid_sweep_and_restarted_loses_nothing(server, tmp_path):
@@ -116,15 +110,11 @@ def test_server_killed_mid_sweep_and_restarted_loses_nothing(server, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
-        while _epoch_points(server.db) < 1:  # the first epoch reached MLflow
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "no epoch logged in time"
-            time.sleep(0.2)
+        # the first epoch reached MLflow
+        wait_while_running(proc, lambda: _epoch_points(server.db) >= 1, deadline, "no epoch logged")
         server.kill()
-        while not journal.exists():  # the sweep goes on and keeps its writes
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "no write kept in time"
-            time.sleep(0.2)
+        # the sweep goes on and keeps its writes
+        wait_while_running(proc, journal.exists, deadline, "no write kept")
         server.start()
         out, err = proc.communicate(timeout=300)
     finally:
