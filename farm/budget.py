@@ -24,6 +24,7 @@ import ray
 from ray import tune
 
 from .pool import NAMESPACE
+from .sweep_folder import sweep_step
 
 
 class BudgetExhaustedError(RuntimeError):
@@ -154,7 +155,7 @@ class BudgetStopper(tune.Stopper):
 
 class BudgetCallback(tune.Callback):
     """Logs the budget on the parent run (and into the console's view) every `every_s` seconds and at
-    the end of each Tune run, at step `budget_step(started)`: `started` is the sweep's, shared by all
+    the end of each Tune run, at step `sweep_step(started)`: `started` is the sweep's, shared by all
     its Tune runs (a multifidelity sweep's two, a resume's), so the last figure logged is the latest
     by step, which is the one MLflow shows."""
 
@@ -188,7 +189,7 @@ class BudgetCallback(tune.Callback):
         figures = budget_figures(self.sweep)
         if figures is None:
             return None
-        log_budget(self.writer, self.parent_run, figures, budget_step(self.started))
+        log_budget(self.writer, self.parent_run, figures, sweep_step(self.started))
         if self.view is not None:
             self.view.budget = budget_line(figures)
         return figures
@@ -206,12 +207,6 @@ def budget_line(figures: dict) -> str:
             f"({figures['spent_s']:.1f} s spent)")
 
 
-def budget_step(started: float) -> int:
-    """The step of a budget figure logged now: whole seconds since the sweep's budget started (wall
-    clock, `started`)."""
-    return max(0, int(time.time() - started))
-
-
 def log_budget(writer, parent_run: str, figures: dict, step: int) -> None:
     ts = int(time.time() * 1000)
     writer.call("log_batch", run=parent_run, metrics=[
@@ -220,4 +215,4 @@ def log_budget(writer, parent_run: str, figures: dict, step: int) -> None:
 
 
 __all__ = ["BudgetExhaustedError", "DeviceBudget", "BudgetGate", "BudgetStopper", "BudgetCallback", "start_budget",
-           "stop_budget", "budget_figures", "budget_actor_name", "budget_line", "budget_step", "log_budget"]
+           "stop_budget", "budget_figures", "budget_actor_name", "budget_line", "log_budget"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from ray import tune
 
 from .runinfo import ended_by
+from .sweep_folder import sweep_step
 
 
 @dataclass
@@ -258,7 +259,7 @@ class ConsoleCallback(tune.Callback):
         """The devices' figures on the sweep's run, every log_every_s (monotonic `now`)."""
         if self.writer is not None and self.parent_run and now - self._logged >= self.log_every_s:
             self._logged = now
-            step, ts = max(0, int(time.time() - self.started)), int(time.time() * 1000)
+            step, ts = sweep_step(self.started), int(time.time() * 1000)
             rows = []
             for d in self.view.devices.values():
                 rows += [[f"device.{d.name}.utilisation", d.utilisation, ts, step],

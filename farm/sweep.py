@@ -19,8 +19,8 @@ from ray import tune
 
 from .config import FarmConfig
 from .raycluster import check_trial_cpus, init_ray, usable_cpus  # noqa: F401 - re-exported
-from .sweep_folder import (MARKER, check_resumable, config_digest, read_marker, reset_marker, storage_path,  # noqa: F401
-                           sweep_name, write_marker)
+from .sweep_folder import (MARKER, check_resumable, config_digest, read_marker, reset_marker,  # noqa: F401
+                           storage_path, sweep_name, sweep_step, write_marker)
 from .sweep_folder import child_runs as _child_runs, saved_trials as _saved_trials
 from .data import load_arrays
 from .device_facts import describe
@@ -142,8 +142,7 @@ class SweepPlan:
     saved: dict = field(default_factory=dict)  # trial id -> trial, Tune's saved state after the run
     expected: int | None = None  # trials in all, where not expected_trials(cfg) (multifidelity: screened + promoted)
     budget: dict | None = None  # the device budget's last figures (budget_s, spent_s, remaining_s)
-    budget_started: float | None = None  # wall time the budget first started (its metrics' steps count from it)
-    started_at: float | None = None  # wall time the sweep first started (the device metrics' steps count from it)
+    started_at: float | None = None  # wall time the sweep first started (its budget's and devices' metric steps count from it)
 
     @property
     def budget_spent(self) -> bool:
@@ -279,8 +278,6 @@ def _start_budget(plan: SweepPlan) -> None:
     if not total:
         return
     before = float((plan.marker or {}).get("device_s_spent", 0.0) or 0.0)
-    plan.budget_started = float((plan.marker or {}).get("budget_started") or time.time())
-    write_marker(plan.folder, budget_started=plan.budget_started)
     budgets.start_budget(plan.name, total, plan.devices, [f"{plan.name}/"], before)
 
 
@@ -295,7 +292,7 @@ def _end_budget(plan: SweepPlan, stream=None) -> None:
     plan.budget = figures
     write_marker(plan.folder, device_s_spent=figures["spent_s"], budget_spent=figures["remaining_s"] <= 0)
     if plan.parent:
-        budgets.log_budget(plan.journal, plan.parent, figures, budgets.budget_step(plan.budget_started or time.time()))
+        budgets.log_budget(plan.journal, plan.parent, figures, sweep_step(plan.started_at or time.time()))
         plan.journal.call("set_tag", run=plan.parent, key="physfarm.budget_spent",
                           value=str(figures["remaining_s"] <= 0).lower())
     print(f"physfarm: sweep '{plan.name}': {budgets.budget_line(figures)}", file=stream or sys.stdout, flush=True)
@@ -412,7 +409,7 @@ def _tuner(plan: SweepPlan, verbose: int, show: bool, stream, *, folder: Path | 
     view = SweepView(title or f"sweep '{plan.name}'")
     if budgeted:  # before the console: its figures at the end of a Tune run are in the view the console closes with
         callbacks.append(budgets.BudgetCallback(plan.name, plan.journal, plan.parent, view if show else None,
-                                                started=plan.budget_started))
+                                                started=plan.started_at))
     if show:
         callbacks.append(ConsoleCallback(view, plan.devices, TrialDescription(plan.keys, plan.devices),
                                          writer=plan.journal, parent_run=plan.parent, stream=stream,

@@ -52,6 +52,13 @@ def write_marker(folder: Path, **values) -> None:
     tmp.replace(folder / MARKER)
 
 
+def sweep_step(started: float) -> int:
+    """The MLflow step of a sweep-level figure (device budget, devices' utilisation) logged now: whole
+    seconds since the sweep first started (wall clock; the marker's `started_at`), one clock for all of
+    the sweep's Tune runs and resumes, so a later figure always has a later step."""
+    return max(0, int(time.time() - started))
+
+
 def reset_marker(folder: Path) -> None:
     """Forget the marker of an earlier, finished sweep in `folder` (a new sweep of the same name starts)."""
     (Path(folder) / MARKER).unlink(missing_ok=True)
