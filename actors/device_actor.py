@@ -57,6 +57,7 @@ from .envelope import check_request
 from .errors import DeviceBusyError, DeviceError, EnvelopeError, named_error
 from .fair_queue import FairQueue
 from .leases import LeaseTable
+from .local_channel import ChannelServer
 from .quotas import QuotaBook
 from .reservations import ReservationBook
 from .systems.registry import build_system
@@ -159,7 +160,7 @@ class DeviceActor:
                  max_queue_rows: int = 1_000_000, lease_policy: str = "refuse",
                  max_lease_s: float = 7 * 86400.0, device: str | None = None, replica: int = 0,
                  replicas: int = 1, client_policy: dict | None = None, audit_dir_path: str | None = None,
-                 quotas: dict | None = None, priorities: dict | None = None):
+                 quotas: dict | None = None, priorities: dict | None = None, local_channel: bool = True):
         # Construct only: no I/O here. The system connects on the first request (or `connect()`).
         self.name = name
         self.device = device or name.split("#")[0]
@@ -203,6 +204,10 @@ class DeviceActor:
         self._quota = QuotaBook(self.device, quotas) if quotas else None
         self._audit_begun = False
         self._restarts = 0  # this replica's restarts since it was started (from the audit log)
+        # Forward requests of trainers on this node over a loopback socket (actors/local_channel.py),
+        # started on the first `channel()`; False: every request goes through Ray.
+        self._local_channel = local_channel
+        self._channel: ChannelServer | None = None
 
     # -- cheap methods: never queue behind device calls --------------------------------------------
     def ping(self) -> str:
@@ -228,6 +233,19 @@ class DeviceActor:
             "max_queue_rows": self._max_queue_rows, "max_rows": self._spec.max_rows,
             "client_policy": dict(self._client_policy),
         }
+
+    def channel(self) -> dict | None:
+        """Where a client on this node may send forward requests beside Ray (actors/local_channel.py):
+        {host, port, secret, node_id}; None when the device is configured without one. Started here,
+        on first use; the secret is handed out only this way, over Ray."""
+        if not self._local_channel:
+            return None
+        with self._lock:
+            if self._channel is None:
+                self._channel = ChannelServer(self.submit, self.name)
+                self._channel.start()
+        return {"host": self._channel.host, "port": self._channel.port, "secret": self._channel.secret,
+                "node_id": _node_id()}
 
     def load(self) -> dict:
         """A cheap load figure for clients choosing a replica."""
@@ -308,6 +326,8 @@ class DeviceActor:
                 self._unhold(req)
                 self._settle(req.future, None, DeviceError(f"device '{self.device}' ({self.name}) is closing"))
             self._cond.notify_all()
+        if self._channel is not None:
+            self._channel.close()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
         self._audit.close()
@@ -646,6 +666,16 @@ def _numpy(y) -> np.ndarray:
 def _rows_of(x) -> int:
     shape = getattr(x, "shape", None)
     return int(shape[0]) if shape else 0
+
+
+def _node_id() -> str | None:
+    """The Ray node this actor runs on (None outside Ray): a client compares it with its own."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _was_restarted() -> bool:

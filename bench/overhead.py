@@ -12,6 +12,8 @@ Two set-ups (issue 19), both reported:
     repeats of the per-triple ratio actor / in-process (the two actor runs swap places every other
     repeat). `plain` (the device call awaited before the twin's forward, as before issue 19) is
     reported beside it: what the overlap gives.
+    The client is on the device's node, so its calls take the local channel (actors/local_channel.py);
+    `over Ray` (DeviceClient(local_channel=False), every call a Ray call) is reported beside it.
   - 4 trials on 2 cores (`sweep_4on2`): four trainer processes (Ray actors of 0.5 CPU each on the
     2-CPU Ray, as Tune places four trials) each train one epoch at the same time, all through the one
     device actor, over the same four trainings with each trainer calling its own simulator
@@ -79,9 +81,12 @@ def _pairs(system: dict, name: str, data, repeats: int, plain: bool = True) -> l
 
     handles = start_device(DeviceConfig(name=name, system=dict(system)))  # noqa: F841 - keeps it alive
     try:
-        client = DeviceClient(name, client_id=f"bench-p3/{name}").connect()
+        client = DeviceClient(name, client_id=f"bench-p3/{name}").connect()  # over the local channel
+        over_ray = DeviceClient(name, client_id=f"bench-p3-ray/{name}", local_channel=False).connect()
         local = MeteredDevice(build_system(dict(system)))  # times its own forward calls
         _epoch(local, data), _epoch(client, data), _epoch(_NoSubmit(client), data)  # warm-up
+        if plain:
+            _epoch(over_ray, data)
         pairs = []
         for i in range(repeats):
             local.seconds = 0.0
@@ -100,11 +105,13 @@ def _pairs(system: dict, name: str, data, repeats: int, plain: bool = True) -> l
             if plain:
                 if not i % 2:
                     t_plain, _ = _epoch(_NoSubmit(client), data)
-                pair.update(actor_plain_s=round(t_plain, 4), ratio_plain=t_plain / t_local)
+                t_ray, _ = _epoch(over_ray, data)
+                pair.update(actor_plain_s=round(t_plain, 4), ratio_plain=t_plain / t_local,
+                            actor_over_ray_s=round(t_ray, 4), ratio_over_ray=t_ray / t_local)
             pairs.append(pair)
             print(f"{system['kind']} {i}: in-process {t_local:.3f} s (device {local.seconds:.3f} s), actor "
                   f"{t_actor:.3f} s (busy {busy:.3f} s), ratio {t_actor / t_local:.3f}"
-                  + (f", plain {pair['ratio_plain']:.3f}" if plain else "") + f", load {os.getloadavg()[0]:.1f}")
+                  + (f", plain {pair['ratio_plain']:.3f}, over Ray {pair['ratio_over_ray']:.3f}" if plain else "") + f", load {os.getloadavg()[0]:.1f}")
         return pairs
     finally:
         stop_device(name)
@@ -206,7 +213,9 @@ def _summary(pairs: list[dict]) -> dict:
     calls = pairs[0]["device_calls"]
     t_local = statistics.median(p["in_process_s"] for p in pairs)
     t_actor = statistics.median(p["actor_s"] for p in pairs)
-    plain = {"ratio_plain": statistics.median(p["ratio_plain"] for p in pairs)} if "ratio_plain" in pairs[0] else {}
+    plain = ({"ratio_plain": statistics.median(p["ratio_plain"] for p in pairs),
+              "ratio_over_ray": statistics.median(p["ratio_over_ray"] for p in pairs)}
+             if "ratio_plain" in pairs[0] else {})
     return {"ratio": statistics.median(p["ratio"] for p in pairs), **plain, "device_calls": calls,
             "in_process_s": t_local, "actor_s": t_actor,
             "in_process_device_share": round(statistics.median(p["in_process_device_s"] / p["in_process_s"]
@@ -261,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
             "overlap_gain": {"ratio_overlapped": round(main_summary["ratio"], 4),
                              "ratio_plain": round(main_summary["ratio_plain"], 4),
                              "what": "plain: the device call awaited before the twin's forward (before issue 19)"},
+            "local_channel_gain": {"ratio_local_channel": round(main_summary["ratio"], 4),
+                                   "ratio_over_ray": round(main_summary["ratio_over_ray"], 4),
+                                   "what": "over Ray: the same overlapped trainer with DeviceClient(local_channel="
+                                           "False), every device call a Ray call (a trainer on another node)"},
             "sweep_4on2": sweep,
             "system": SYSTEM, "train": TRAIN, "data": {"kind": "digits"},
             "ray": {"num_cpus": 2, "device_actor_num_cpus": 0},

@@ -14,7 +14,9 @@ P4  median round trip of one 256 x 64 float32 request through `DeviceClient.forw
     Ray actor's (`def forward(self, x, theta): return x`) for the same payload; calls interleaved
     with those of reference actors (threaded, async, threaded with a device-thread handoff) so that
     `breakdown_ms` says what each layer of the path costs, plus in-process microseconds of its steps
-    (envelope check, audit write, answer copy).
+    (envelope check, audit write, answer copy). The client is on the device's node, so its requests
+    take the local channel (actors/local_channel.py); `physfarm_client_over_ray` is the same client
+    with `local_channel=False` (what a trainer on another node gets).
 
 The device of P1/P2 is `SleepSystem` below: its cost, 10 ms per call + 0.01 ms per row, is slept
 like an instrument waiting on its hardware (a call of 256 rows takes 12.56 ms), so the figures
@@ -324,11 +326,13 @@ def _round_trips(n: int) -> dict:
     handles = start_device(DeviceConfig(name=name, system={"kind": "bench.serving:NullSystem"}))
     refs = _reference_actors()
     try:
-        client = DeviceClient(name, client_id="p4").connect()
+        client = DeviceClient(name, client_id="p4").connect()  # over the local channel (the default)
+        over_ray = DeviceClient(name, client_id="p4-ray", local_channel=False).connect()
         x = np.random.default_rng(0).uniform(-1, 1, size=(256, 64)).astype(np.float32)
         theta = np.zeros(1, np.float32)
         h = handles[0]
         calls = {"physfarm_client": lambda: client.forward(x, theta),
+                 "physfarm_client_over_ray": lambda: over_ray.forward(x, theta),
                  "physfarm_actor_raw": lambda: ray.get(h.forward.remote(x, theta, "p4-raw")),
                  **{k: (lambda a=a: ray.get(a.forward.remote(x, theta))) for k, a in refs.items()},
                  "ping": lambda: ray.get(h.ping.remote())}
@@ -343,6 +347,8 @@ def _round_trips(n: int) -> dict:
         y = client.forward(x, theta)
         if y.shape != (256, 64) or not np.array_equal(y.numpy(), x):
             raise RuntimeError("the null device did not answer y = x")
+        if client.channel_requests < n or over_ray.channel_requests:
+            raise RuntimeError("the local channel was not used as configured")
         med = {k: statistics.median(v) for k, v in ms.items()}
         plain = med["plain_sync"]
         return {
@@ -357,7 +363,8 @@ def _round_trips(n: int) -> dict:
                 "async_over_threaded": round(med["plain_async"] - med["plain_threaded"], 4),
                 "device_thread_handoff": round(med["threaded_handoff"] - med["plain_threaded"], 4),
                 "actor_checks_and_bookkeeping": round(med["physfarm_actor_raw"] - med["threaded_handoff"], 4),
-                "client_wrapper": round(med["physfarm_client"] - med["physfarm_actor_raw"], 4),
+                "client_wrapper_over_ray": round(med["physfarm_client_over_ray"] - med["physfarm_actor_raw"], 4),
+                "local_channel_over_ray_path": round(med["physfarm_client"] - med["physfarm_client_over_ray"], 4),
             },
             "in_process_us": _in_process_costs(x, theta),
             "round_trips": n,
@@ -438,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
                       "plain_sync": "@ray.remote class, def forward(x, theta): return x (one thread)",
                       "plain_threaded": f"the same with max_concurrency={RAY_THREADS} (physfarm's actor's threads)",
                       "plain_async": "the same as an async method (physfarm's serving model before issue 19)",
-                      "threaded_handoff": "threaded, each request handed to one device thread and awaited"},
+                      "threaded_handoff": "threaded, each request handed to one device thread and awaited",
+                      "physfarm_client_over_ray": "DeviceClient(local_channel=False): every request a Ray call "
+                                                  "(a trainer on another node than the device)"},
                   "before_after": BEFORE_AFTER,
                   "load_avg_1m_before": round(load_before, 2), "load_avg_1m_after": round(load_after, 2)})
     return 0

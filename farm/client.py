@@ -8,6 +8,9 @@ It composes three objects, each owning its own state:
   `timeout_s` and `restart_wait_s` default to the device config's `retries`, `retry_backoff_s`,
   `call_timeout_s` and `restart_wait_s`, advertised by the actor); `EnvelopeError` and
   `DeviceLeasedError` are never retried;
+- local channels, `farm/local_channels.py`: forward requests to a replica on this process's node go
+  over a loopback socket into the actor (~0.35 ms a call here) instead of a Ray call (~2.4 ms);
+  everything else, and replicas on other nodes, go through Ray;
 - leases, `farm/lease.py`: `lease(seconds)` reserves every replica for this client (and clients named
   `holder/...`); a background thread renews it (heartbeat); the lease lapses when this process dies.
 Beside them, `merge_replica_stats` sums the replicas' accounting into the device's.
@@ -23,6 +26,7 @@ from actors.errors import DeviceBusyError, DeviceError, DeviceLeasedError, Devic
 from actors.spec import SystemSpec
 
 from .lease import Lease
+from .local_channels import LocalChannels
 from .pool import NAMESPACE
 from .replicas import Replicas
 from .retry import Call, RetryPolicy
@@ -42,7 +46,7 @@ class DeviceClient:
                  timeout_s: float | None = None, retries: int | None = None,
                  backoff_s: float | None = None, control_timeout_s: float = 30.0,
                  load_refresh_s: float = 0.25, restart_wait_s: float | None = None, user: str | None = None,
-                 budget=None):
+                 budget=None, local_channel: bool = True):
         self.name = name
         self.budget = budget  # farm.budget.BudgetGate: asked before each forward call (a sweep's budget)
         self.client_id = client_id  # the run or trial the requests serve
@@ -52,6 +56,8 @@ class DeviceClient:
         self._replicas = Replicas(name, namespace, load_refresh_s, control_timeout_s)
         self._retry = RetryPolicy(name, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s,
                                   restart_wait_s=restart_wait_s)
+        # local_channel=False: every forward request through Ray (benches compare the two paths)
+        self._channels = LocalChannels(self._replicas, control_timeout_s, enabled=local_channel)
         self._spec: SystemSpec | None = None
         self._lease: Lease | None = None
 
@@ -75,6 +81,11 @@ class DeviceClient:
     @property
     def load_refresh_s(self) -> float:
         return self._replicas.load_refresh_s
+
+    @property
+    def channel_requests(self) -> int:
+        """Forward requests this client sent over a local channel rather than Ray."""
+        return self._channels.sent
 
     @property
     def retried(self) -> int:
@@ -121,7 +132,8 @@ class DeviceClient:
             self.budget.check()  # raises BudgetExhaustedError once the sweep's device budget is spent
         token = self._lease.token if self._lease is not None and self._lease.active else None
         return Measurement(self._retry.send(self._replicas, "serve", x, theta, (self.client_id, token, self.user),
-                                            rows=int(x.shape[0]) if x.ndim else 0, label="forward"))
+                                            rows=int(x.shape[0]) if x.ndim else 0, label="forward",
+                                            channels=self._channels))
 
     def ideal_model(self) -> torch.nn.Module:
         return self._call("ideal_model")

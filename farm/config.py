@@ -115,6 +115,10 @@ class DeviceConfig(BaseModel):
                                   description="a forward call with no answer after this fails (not retried)")
     restart_wait_s: float = Field(default=120.0, ge=0.0,
                                   description="how long a client waits for a crashed replica to restart")
+    local_channel: bool = Field(default=True,
+                                description="trainers on the device's node send forward requests over a "
+                                            "loopback socket into the actor (~0.35 ms a call) instead of a "
+                                            "Ray call (~2.4 ms here); false: every request through Ray")
     audit_dir: str | None = Field(default=None, min_length=1,
                                   description="folder, on the device's node, of its audit log (one JSON-lines "
                                               "file per replica; default $PHYSFARM_AUDIT_DIR, else "

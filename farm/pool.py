@@ -133,6 +133,7 @@ def launch_device(dev: DeviceConfig, detached: bool = False) -> tuple[list, list
             replicas=dev.replicas, client_policy=policy, audit_dir_path=dev.audit_dir,
             quotas=dev.quotas.model_dump() if dev.quotas else None,
             priorities=dev.priorities.for_actor() if dev.priorities else None,
+            local_channel=dev.local_channel,
         )
         handles.append(handle)
         if not existed:

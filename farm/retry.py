@@ -13,7 +13,8 @@ policy (`adopt`), else `DEFAULTS`.
 Owns its settings and the count of retries; reaches the replicas through `Replicas`' public methods.
 `send` starts a call without waiting (a `Call`: the first attempt is in flight, `result()` waits and
 retries), so a trainer can compute while its device call travels (issue 19, P3); `call` is
-`send(...).result()`.
+`send(...).result()`. Given `channels` (farm/local_channels.py), a forward request (`serve`) goes
+over the replica's local channel where it has one; a lost channel counts as a lost actor.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from actors.errors import DeviceError, DeviceLeasedError, DeviceTimeoutError, EnvelopeError, QuotaExceededError
 
 from .pool import actor_name
+from .local_channels import ChannelLost, LocalChannels
 from .raycalls import get
 from .replicas import Replicas
 
@@ -63,19 +65,20 @@ class RetryPolicy:
 
     def send(self, replicas: Replicas, method: str, *args, idempotent: bool = True,
              replica: int | None = None, rows: int = 0, timeout: float | None = None,
-             label: str | None = None) -> "Call":
+             label: str | None = None, channels: LocalChannels | None = None) -> "Call":
         """Send the first attempt of a call now, without waiting: `result()` of the returned `Call`
         waits for it and does the retries, exactly as `call` does. `label` names the call in errors
         (default: the method)."""
         if not len(replicas):
             raise RuntimeError(f"DeviceClient('{self.device}') is not connected; call connect() first")
         return Call(self, replicas, method, args, self._setting("retries") if idempotent else 0,
-                    replica, rows, timeout or self.timeout_s or DEFAULTS["timeout_s"], label or method)
+                    replica, rows, timeout or self.timeout_s or DEFAULTS["timeout_s"], label or method,
+                    channels if method == "serve" else None)
 
     def _give_up(self, err: Exception, method: str, replica: int, attempt: int, elapsed: float,
                  dead: bool = False) -> DeviceError:
         tries = f"after {attempt + 1} attempt{'s' if attempt else ''} over {elapsed:.2f} s (retries={attempt})"
-        if isinstance(err, RayActorError):
+        if isinstance(err, (RayActorError, ChannelLost)):
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             why = ("its actor is gone (max_restarts spent, or stopped)" if dead else
                    "check `physfarm devices ls`")
@@ -92,8 +95,10 @@ class Call:
     `cancel()`) exactly once: until then its rows count as in flight at the replica."""
 
     def __init__(self, policy: RetryPolicy, replicas: Replicas, method: str, args: tuple, retries: int,
-                 replica: int | None, rows: int, timeout: float, label: str):
+                 replica: int | None, rows: int, timeout: float, label: str,
+                 channels: LocalChannels | None = None):
         self._policy, self._replicas, self._method, self._args = policy, replicas, method, args
+        self._channels = channels  # forward requests: the replica's local channel where it has one
         self._label = label
         self._retries, self._replica, self._rows, self._timeout = retries, replica, rows, timeout
         self._started = time.monotonic()
@@ -106,9 +111,12 @@ class Call:
         self._i = self._replica if self._replica is not None else self._replicas.pick(avoid=self._failed)
         self._replicas.sending(self._i, self._rows)
         self._open = True
-        self._ref, self._error = None, None
+        self._ref, self._error, self._direct = None, None, None
         try:
-            self._ref = getattr(self._replicas.handle(self._i), self._method).remote(*self._args)
+            if self._channels is not None:
+                self._direct = self._channels.send(self._i, *self._args)  # None: no channel, use Ray
+            if self._direct is None:
+                self._ref = getattr(self._replicas.handle(self._i), self._method).remote(*self._args)
         except Exception as err:  # noqa: BLE001 - met (and retried) in result(), as a failed answer
             self._error = err
 
@@ -119,6 +127,8 @@ class Call:
 
     def cancel(self) -> None:
         """Give up on the call (its answer is not wanted): the actor drops it if still queued."""
+        if self._direct is not None:
+            self._direct.cancel()
         if self._ref is not None:
             try:
                 ray.cancel(self._ref)
@@ -134,7 +144,7 @@ class Call:
                     return self._answer()
                 except NOT_RETRIED:
                     raise
-                except (RayActorError, DeviceError) as err:
+                except (RayActorError, ChannelLost, DeviceError) as err:
                     self._before_retry(err)  # raises when the budget is spent or the actor is gone
                     self._close()
                     self._send()
@@ -145,12 +155,15 @@ class Call:
         if self._error is not None:
             raise self._error
         try:
+            if self._direct is not None:
+                return self._direct.result(self._timeout)
             return get(self._ref, self._timeout)
-        except GetTimeoutError:
-            try:
-                ray.cancel(self._ref)  # the actor drops it if it is still queued
-            except Exception:  # noqa: BLE001 - best effort
-                pass
+        except (GetTimeoutError, TimeoutError):
+            if self._ref is not None:
+                try:
+                    ray.cancel(self._ref)  # the actor drops it if it is still queued
+                except Exception:  # noqa: BLE001 - best effort
+                    pass
             device = self._policy.device
             raise DeviceTimeoutError(
                 f"device '{device}' ({actor_name(device, self._i)}): no answer to {self._label} within "
@@ -162,7 +175,7 @@ class Call:
         policy, i = self._policy, self._i
         if self._attempt >= self._retries:
             raise policy._give_up(err, self._label, i, self._attempt, time.monotonic() - self._started) from err
-        if isinstance(err, RayActorError):
+        if isinstance(err, (RayActorError, ChannelLost)):
             self._failed.add(i)
             if self._replica is not None or len(self._failed) >= len(self._replicas):
                 # No other replica to go to: wait for this one to be restarted.

@@ -45,6 +45,14 @@ def _restarted(handle, wait_s: float = 60.0) -> bool:
     return False
 
 
+def _gone(handle) -> bool:
+    try:
+        ray.get(handle.ping.remote(), timeout=10)
+        return False
+    except ray.exceptions.RayActorError:
+        return True
+
+
 def _wait_until(condition, what: str, timeout_s: float = 60.0) -> None:
     """Poll `condition` until it holds; fail naming `what` after timeout_s."""
     deadline = time.monotonic() + timeout_s
@@ -266,6 +274,8 @@ def test_faults_are_retried_envelope_errors_never_and_a_dead_device_is_named(dev
         for _ in range(20):
             once.forward(_x(2), THETA)
     ray.kill(h, no_restart=True)  # gone for good: fail at once, naming the device
+    # ray.kill is asynchronous: the process may still answer on its local channel for a moment.
+    _wait_until(lambda: _gone(h), "the killed actor to be gone")
     with pytest.raises(DeviceError, match=r"device 'flaky' \(flaky#0\) is unavailable for forward .*actor is gone"):
         c.forward(_x(2), THETA)
 
