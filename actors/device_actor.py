@@ -273,6 +273,9 @@ class DeviceActor:
                 "reservations": self._book.list(),
                 "quota": self._quota.info() if self._quota is not None else None,
                 "restarts": self._restarts,
+                # the loopback channel, once a client asked for it: its port and open connections
+                "local_channel": (None if self._channel is None else
+                                  {"port": self._channel.port, "connections": self._channel.connections}),
                 "life": {"pid": os.getpid(), "started": self._started_wall, "restarted": self._restarted},
                 "audit": {"path": str(self._audit.path), "errors": self._audit.errors,
                           "last_error": self._audit.last_error},

@@ -135,6 +135,11 @@ class DeviceClient:
                                             rows=int(x.shape[0]) if x.ndim else 0, label="forward",
                                             channels=self._channels))
 
+    def close(self) -> None:
+        """Close this client's local-channel connections now (a trial's end) rather than when it is
+        collected; a later request opens them again. A lease it holds is kept (see `release`)."""
+        self._channels.close()
+
     def ideal_model(self) -> torch.nn.Module:
         return self._call("ideal_model")
 

@@ -252,6 +252,11 @@ def _run_trial(config: dict, data: dict, devices: list[str] | None, pbt: bool, u
         m.train(train_cfg, device, dataset, report=reporter, state=state)
     finally:
         used["device_s_total"] = reporter.total["device_s_total"]
+        from .client import DeviceClient
+
+        for client in reporter.devices:  # its connections to the devices end with the trial
+            if isinstance(client, DeviceClient):
+                client.close()
 
 
 def _final_report(checkpoint, state: dict | None, train_cfg) -> dict | None:

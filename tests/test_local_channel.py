@@ -71,6 +71,14 @@ def test_forward_over_the_channel_equals_the_ray_path_and_is_accounted_alike(exa
     # The overlapped form (submit now, result later) takes the channel too.
     pending = direct.submit(_x(5, seed=9), THETA)
     assert pending.result().shape == (5, N) and direct.channel_requests == 4
+    # Two requests in flight at once take two connections; close() (a trial's end) closes them.
+    both = [direct.submit(_x(3, seed=s), THETA) for s in (1, 2)]
+    assert [b.result().shape for b in both] == [(3, N), (3, N)]
+    opened = ray.get(h.stats.remote())["local_channel"]["connections"]
+    assert opened >= 2
+    direct.close()
+    _until(lambda: ray.get(h.stats.remote())["local_channel"]["connections"] == opened - 2)
+    assert direct.forward(_x(1), THETA).shape == (1, N) and direct.channel_requests == 7  # reopened
 
 
 def test_refusals_come_back_as_the_device_errors_once_and_unretried(exact):

@@ -71,10 +71,10 @@ def lab():
 
 
 @ray.remote(num_cpus=1)
-def measure_from_here(device: str) -> tuple[str, list]:
-    client = DeviceClient(device, client_id="remote-trial").connect()
+def measure_from_here(device: str, client_id: str = "remote-trial") -> tuple[str, list, int]:
+    client = DeviceClient(device, client_id=client_id).connect()
     y = client.forward(np.full((5, 4), 0.2, np.float32), np.zeros(20, np.float32))
-    return ray.get_runtime_context().get_node_id(), list(y.shape)
+    return ray.get_runtime_context().get_node_id(), list(y.shape), client.channel_requests
 
 
 def test_device_lands_on_the_node_with_its_resource_and_serves_the_other(lab):
@@ -85,10 +85,15 @@ def test_device_lands_on_the_node_with_its_resource_and_serves_the_other(lab):
         info = ray.get(handles[0].info.remote())
         assert info["node_id"] == lab["table"]  # pinned where the hardware is
         on_head = NodeAffinitySchedulingStrategy(node_id=lab["head"], soft=False)
-        node, shape = ray.get(measure_from_here.options(scheduling_strategy=on_head).remote("optics"))
+        node, shape, direct = ray.get(measure_from_here.options(scheduling_strategy=on_head).remote("optics"))
         assert node == lab["head"] and shape == [5, 4]  # a trial elsewhere reaches it by name
+        assert direct == 0  # over Ray: the device's local channel is for its own node only
+        on_table = NodeAffinitySchedulingStrategy(node_id=lab["table"], soft=False)
+        node, shape, direct = ray.get(measure_from_here.options(scheduling_strategy=on_table).remote(
+            "optics", "beside-it"))
+        assert node == lab["table"] and shape == [5, 4] and direct == 1  # on its node: the local channel
         stats = ray.get(handles[0].stats.remote())
-        assert stats["clients"]["remote-trial"]["rows"] == 5
+        assert stats["clients"]["remote-trial"]["rows"] == 5 and stats["clients"]["beside-it"]["rows"] == 5
     finally:
         stop_device("optics")
 
