@@ -108,9 +108,10 @@ class LocalChannels:
         except (OSError, P.ProtocolError, P.ConnectionClosed):
             self.forget(replica)  # the actor moved on (restarted, stopped): ask it again next time
             return None
-        if ftype != P.HELLO | P.REPLY:
+        if ftype != P.HELLO | P.REPLY:  # not this actor's channel any more (its port reused): use Ray
             _close(sock)
-            raise DeviceError(f"local channel to replica {replica} refused: {header.get('message')}")
+            self.forget(replica)
+            return None
         sock.settimeout(None)
         return sock
 
