@@ -16,6 +16,7 @@ import ray
 from actors.errors import DeviceLeasedError, DeviceTimeoutError, EnvelopeError
 from actors.instrument import protocol as P
 from actors.local_channel import CANCEL_POLL_S, ChannelServer
+from bench.faults import listening_sockets
 from farm.client import DeviceClient
 from farm.config import DeviceConfig
 from farm.pool import start_device, stop_device
@@ -108,6 +109,9 @@ def test_the_channel_listens_on_loopback_and_serves_only_the_secret_holder(exact
     (h,) = exact
     info = ray.get(h.channel.remote())
     assert info["host"] == "127.0.0.1" and info["node_id"] == ray.get_runtime_context().get_node_id()
+    pid = ray.get(h.info.remote())["pid"]
+    bound = {ip for ip, port, _ in listening_sockets([pid]) if port == info["port"]}
+    assert bound == {"127.0.0.1"}  # as the kernel reports the actor's listening socket
     requests = ray.get(h.stats.remote())["requests"]
     forward = P.encode_frame(P.FORWARD, {"rows": 1, "cols": N, "n_theta": THETA.size, "client": "intruder"},
                              _x(1).tobytes() + THETA.tobytes())
