@@ -184,6 +184,12 @@ def _peer_closed(conn: socket.socket) -> bool:
 
 
 def _close(sock: socket.socket) -> None:
+    # shutdown first: on Linux a bare close() does not wake a thread blocked in accept() or recv() on
+    # the same socket, which would stay blocked (a thread left behind per closed channel).
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # never connected, or already shut down
     try:
         sock.close()
     except OSError:

@@ -167,17 +167,24 @@ def check_fault_rate_honoured(make: Make) -> None:
 
 
 def check_latency_honoured(make: Make) -> None:
-    """latency_call_s + rows * latency_row_s is really spent per call (and not much more)."""
+    """latency_call_s + rows * latency_row_s is really spent per call (and not much more).
+
+    "Not much more" is judged against the same system without latency, timed alternately with it: on
+    a loaded machine (a test suite on 2 cores, a server thread in this process) a call's own cost can
+    grow tenfold, and it grows for both alike."""
     d = make(seed=0, latency_call_s=0.02, latency_row_s=0.001)
+    base = make(seed=0)
     x, theta = inputs(d.spec, 10)
     d.forward(x, theta)  # warm-up (connects, fits)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        d.forward(x, theta)
-        times.append(time.perf_counter() - t0)
-    assert min(times) >= 0.030 - 0.001, times
-    assert min(times) <= 0.030 + 0.06, times
+    base.forward(x, theta)
+    times, base_times = [], []
+    for _ in range(5):
+        for system, out in ((d, times), (base, base_times)):
+            t0 = time.perf_counter()
+            system.forward(x, theta)
+            out.append(time.perf_counter() - t0)
+    assert min(times) >= 0.030 - 0.001, times  # 0.02 s + 10 rows x 0.001 s, in seconds
+    assert min(times) - min(base_times) <= 0.030 + 0.03, (times, base_times)
 
 
 class SystemContract:

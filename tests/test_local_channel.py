@@ -213,6 +213,8 @@ def test_a_closed_connection_cancels_its_waiting_request_and_a_served_one_is_ans
         _until(lambda: server.connections == 0)
     finally:
         server.close()
+    # closing the channel ends its threads (a closed listener must wake the thread blocked in accept)
+    _until(lambda: not [t for t in threading.enumerate() if t.name.startswith("channel-unit")])
 
 
 def _until(condition, timeout_s: float = 10.0) -> None:
