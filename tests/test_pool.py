@@ -53,6 +53,15 @@ def _gone(handle) -> bool:
         return True
 
 
+def _process_gone(pid: int) -> bool:
+    """Whether process `pid` (on this machine) has exited; a zombie awaiting its parent counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
 def _wait_until(condition, what: str, timeout_s: float = 60.0) -> None:
     """Poll `condition` until it holds; fail naming `what` after timeout_s."""
     deadline = time.monotonic() + timeout_s
@@ -273,9 +282,12 @@ def test_faults_are_retried_envelope_errors_never_and_a_dead_device_is_named(dev
     with pytest.raises(DeviceError, match=r"device 'flaky#0'.*fault.*\[forward failed after 1 attempt"):
         for _ in range(20):
             once.forward(_x(2), THETA)
+    pid = ray.get(h.info.remote())["pid"]
     ray.kill(h, no_restart=True)  # gone for good: fail at once, naming the device
-    # ray.kill is asynchronous: the process may still answer on its local channel for a moment.
+    # ray.kill is asynchronous: Ray may call the actor dead while its process, still exiting, answers on
+    # its local channel (milliseconds, more under load). The device is gone once both are.
     _wait_until(lambda: _gone(h), "the killed actor to be gone")
+    _wait_until(lambda: _process_gone(pid), f"the killed actor's process {pid} to exit")
     with pytest.raises(DeviceError, match=r"device 'flaky' \(flaky#0\) is unavailable for forward .*actor is gone"):
         c.forward(_x(2), THETA)
 
