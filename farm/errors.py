@@ -1,7 +1,13 @@
 """Config errors as one line each: the field path, what was wrong, what was given."""
 from __future__ import annotations
 
+import re
+
 from pydantic import ValidationError
+
+# A field name as a config writes it; any other key (spaces, dots, YAML tags pasted into it) is shown
+# quoted, so that its dots or brackets are not read as steps of the path.
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
 class ConfigError(ValueError):
@@ -16,7 +22,8 @@ def _path(loc: tuple) -> str:
         elif str(item).startswith(("function-", "tagged-union")):
             continue
         else:
-            parts.append(("." if parts else "") + str(item))
+            key = str(item) if _PLAIN_KEY.fullmatch(str(item)) else repr(str(item))
+            parts.append(("." if parts else "") + key)
     return "".join(parts)
 
 

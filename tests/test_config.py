@@ -114,3 +114,21 @@ def test_file_store_uri_is_refused_with_the_fix(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "tracking.uri" in proc.stderr and "file store" in proc.stderr and "sqlite:///" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+@pytest.mark.parametrize("key, shown", [
+    ("t!!python/object:os.system racking", "'t!!python/object:os.system racking'"),  # a YAML tag pasted in
+    ("lr ", "train.'lr '"),
+    ("lr.max", "train.'lr.max'"),
+])
+def test_a_key_that_is_not_a_plain_name_is_quoted_in_the_field_path(key, shown):
+    """Found by the config fuzz: `a.b c: unknown field` read as the path a -> 'b c'. Quoted, a key's
+    dots, spaces and colons are not mistaken for steps of the path."""
+    cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in GOOD.items()}
+    if key.startswith("lr"):
+        cfg["train"] = {**cfg["train"], key: 0.1}
+    else:
+        cfg[key] = 1
+    with pytest.raises(ConfigError) as err:
+        parse_config(cfg)
+    assert str(err.value).startswith(f"{shown}: unknown field (check the spelling"), str(err.value)

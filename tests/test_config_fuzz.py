@@ -14,6 +14,7 @@ only the config file afterwards).
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import io
@@ -45,10 +46,25 @@ FILE_LEVEL = re.compile(r"^\S*config\.yaml(: not valid YAML at line \d+, column 
 
 
 def fmt(path: tuple) -> str:
+    """A field path as refusals write it: a key that is not a plain name is quoted (`train.'lr '`)."""
     out = ""
     for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+        key = str(p) if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", str(p)) else repr(str(p))
+        out += f"[{p}]" if isinstance(p, int) else (f".{key}" if out else key)
     return out
+
+
+def split_refusal(msg: str) -> tuple[str, str, str]:
+    """(field path, its first key, the rest) of a refusal 'path: what was wrong'; a quoted key is read
+    whole, whatever dots, brackets or ': ' it holds."""
+    quoted = re.match(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"", msg)
+    start = quoted.end() if quoted else 0
+    cut = msg.find(": ", start)
+    if cut < 0:
+        return "", "", msg
+    reported = msg[:cut]
+    root = ast.literal_eval(quoted.group()) if quoted else re.split(r"[.\[]", reported, maxsplit=1)[0]
+    return reported, root, msg[cut + 2:]
 
 
 def walk(node, path=()):
@@ -194,9 +210,8 @@ def check_refusal(stderr: str, stdout: str, kind: str, path: str | None, top_key
     if FILE_LEVEL.match(msg):
         assert kind in ("yaml_text", "top_level", "wrong_type", "delete"), f"{kind} at {path}: {msg!r}"
         return
-    reported, sep, _ = msg.partition(": ")
-    root = re.split(r"[.\[]", reported, maxsplit=1)[0]
-    assert sep and (root in SECTIONS or root in top_keys), \
+    reported, root, _ = split_refusal(msg)
+    assert reported and (root in SECTIONS or root in top_keys), \
         f"{kind} at {path}: the message names no field path: {msg!r}"
     if path is not None and kind != "delete":
         assert related(reported, path), f"{kind} at {path} reported at {reported!r}: {msg!r}"
