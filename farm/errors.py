@@ -14,7 +14,8 @@ class ConfigError(ValueError):
     """A config was refused; the message is one line naming the field path and the allowed values."""
 
 
-def _path(loc: tuple) -> str:
+def field_path(loc: tuple) -> str:
+    """("train", "lr") -> "train.lr"; ("devices", 0, "name") -> "devices[0].name"; odd keys quoted."""
     parts: list[str] = []
     for item in loc:
         if isinstance(item, int):
@@ -30,7 +31,7 @@ def _path(loc: tuple) -> str:
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     msgs = []
     for e in err.errors(include_url=False):
-        path = _path(tuple(e["loc"]))
+        path = field_path(tuple(e["loc"]))
         if prefix:
             path = f"{prefix}.{path}" if path else prefix
         msg = e["msg"]

@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from farm.cli import main
+from farm.errors import field_path
 
 REPO = Path(__file__).resolve().parents[1]
 # The sweep configs a user starts from (pool.yaml is a pool file, not a sweep config).
@@ -43,15 +44,6 @@ SECTIONS = ("devices", "data", "train", "sweep", "tracking")
 FILE_LEVEL = re.compile(r"^\S*config\.yaml(: not valid YAML at line \d+, column \d+: | ?: the top level must be)")
 
 # -- paths into a nested config ---------------------------------------------------------------------
-
-
-def fmt(path: tuple) -> str:
-    """A field path as refusals write it: a key that is not a plain name is quoted (`train.'lr '`)."""
-    out = ""
-    for p in path:
-        key = str(p) if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", str(p)) else repr(str(p))
-        out += f"[{p}]" if isinstance(p, int) else (f".{key}" if out else key)
-    return out
 
 
 def split_refusal(msg: str) -> tuple[str, str, str]:
@@ -177,7 +169,7 @@ def mutated_config(draw):
     if kind == "yaml_text":
         at = draw(st.integers(0, len(text)))
         text = text[:at] + draw(YAML_BREAKERS) + text[at:]
-    return name, kind, None if path is None else fmt(path), text
+    return name, kind, None if path is None else field_path(path), text
 
 
 def _safe_yaml(text: str):
