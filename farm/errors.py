@@ -1,6 +1,7 @@
 """Config errors as one line each: the field path, what was wrong, what was given."""
 from __future__ import annotations
 
+import ast
 import re
 
 from pydantic import ValidationError
@@ -14,6 +15,28 @@ class ConfigError(ValueError):
     """A config was refused; the message is one line naming the field path and the allowed values."""
 
 
+def quote_key(key) -> str:
+    """A key as one step of a field path: `lr` as is, `lr ` or `a.b` quoted (`'lr '`, `'a.b'`)."""
+    return str(key) if _PLAIN_KEY.fullmatch(str(key)) else repr(str(key))
+
+
+def join_path(prefix: str, key) -> str:
+    """The field path one key below `prefix` ("train", "lr" -> "train.lr"); odd keys quoted."""
+    return f"{prefix}.{quote_key(key)}" if prefix else quote_key(key)
+
+
+# One step of a dotted path: a quoted key (as quote_key writes it) or a plain run of non-dots.
+_STEP = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^.]+")
+
+
+def split_path(path: str) -> list[str]:
+    """The keys of a dotted path built by join_path: "train.'a.b'.x" -> ["train", "a.b", "x"]."""
+    keys = []
+    for step in _STEP.findall(path):
+        keys.append(ast.literal_eval(step) if step[0] in "'\"" else step)
+    return keys
+
+
 def field_path(loc: tuple) -> str:
     """("train", "lr") -> "train.lr"; ("devices", 0, "name") -> "devices[0].name"; odd keys quoted."""
     parts: list[str] = []
@@ -23,8 +46,7 @@ def field_path(loc: tuple) -> str:
         elif str(item).startswith(("function-", "tagged-union")):
             continue
         else:
-            key = str(item) if _PLAIN_KEY.fullmatch(str(item)) else repr(str(item))
-            parts.append(("." if parts else "") + key)
+            parts.append(("." if parts else "") + quote_key(item))
     return "".join(parts)
 
 

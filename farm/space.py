@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, join_path
 
 FORMS = {
     "grid": "a non-empty list of values",
@@ -65,7 +65,7 @@ def samplers(section: dict, prefix: str) -> dict[str, tuple[str, list]]:
     """Every sampler in `section` by dotted path, each checked; raises ConfigError naming the key."""
     found: dict[str, tuple[str, list]] = {}
     for key, value in section.items():
-        path = f"{prefix}.{key}"
+        path = join_path(prefix, key)
         if is_sampler(value):
             form, args = next(iter(value.items()))
             check_sampler(path, form, args)
@@ -86,7 +86,7 @@ def substitute(section: dict, path_values: dict[str, Any], prefix: str) -> dict:
     """A copy of `section` with the samplers at the given dotted paths replaced by values."""
     out = {}
     for key, value in section.items():
-        path = f"{prefix}.{key}"
+        path = join_path(prefix, key)
         if path in path_values:
             out[key] = path_values[path]
         elif isinstance(value, dict) and not is_sampler(value):

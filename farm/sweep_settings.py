@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import ConfigError
+from .errors import ConfigError, join_path
 from .space import FORMS, check_sampler, is_sampler
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ class SchedulerSettings(BaseModel):
 def _flat_mutations(node: dict, prefix: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in node.items():
-        path = f"{prefix}.{key}"
+        path = join_path(prefix, key)
         if isinstance(value, dict) and not is_sampler(value):
             out.update(_flat_mutations(value, path))
         else:
@@ -85,8 +85,7 @@ def mutation_space(sched: SchedulerSettings) -> dict[str, tuple[str, list]]:
     """PBT's mutations as {train path: (form, args)}, each checked; ConfigError names the key."""
     where = "sweep.scheduler.hyperparam_mutations"
     found = {}
-    for path, value in _flat_mutations(sched.hyperparam_mutations or {}, "").items():
-        key = path.lstrip(".")
+    for key, value in _flat_mutations(sched.hyperparam_mutations or {}, "").items():
         here = f"{where}.{key}"
         if isinstance(value, list):
             if not value:

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, join_path
 
 
 def pick_first(train: dict, prefix: str = "train") -> tuple[dict, list[str]]:
@@ -28,7 +28,7 @@ def pick_first(train: dict, prefix: str = "train") -> tuple[dict, list[str]]:
     notes: list[str] = []
     out = {}
     for key, value in train.items():
-        path = f"{prefix}.{key}"
+        path = join_path(prefix, key)
         if is_sampler(value):
             form, args = next(iter(value.items()))
             if form not in ("grid", "choice"):

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from trainers.registry import METHODS, method
 
-from .errors import ConfigError, format_validation_error
+from .errors import ConfigError, field_path, format_validation_error, join_path, split_path
 from .space import FORMS, is_sampler, representatives, samplers, substitute
 
 if TYPE_CHECKING:
@@ -105,13 +105,13 @@ def _format(err: ValidationError, prefix: str, concrete: dict, name: str, mixed:
     msgs = []
     for e in err.errors(include_url=False):
         loc = [str(p) for p in e["loc"]]
-        path = ".".join([prefix, *loc]) if loc else prefix
+        path = f"{prefix}.{field_path(tuple(e['loc']))}" if loc else prefix
         hint = _not_a_sampler_hint(e.get("input"))
         if hint:
             msgs.append(f"{path}: {hint}")
         elif e["type"] == "extra_forbidden" and mixed and len(loc) == 1 and prefix == "train":
             msgs.append(f"{path}: not a field of method '{name}'; put fields only some methods have "
-                        f"in that method's section (e.g. train.<method>.{loc[0]})")
+                        f"in that method's section (e.g. {join_path('train.<method>', loc[0])})")
     if msgs:
         return "; ".join(msgs)
     text = format_validation_error(err, prefix)
@@ -179,7 +179,7 @@ def cases(train: dict, extra: dict[str, tuple[str, list]] | None = None, limit: 
         concrete = substitute(train, own, "train")
         for p, v in combo.items():
             if p in (extra or {}):
-                _set_path(concrete, p.split(".")[1:], v)
+                _set_path(concrete, split_path(p)[1:], v)
         out.append(concrete)
     return out
 

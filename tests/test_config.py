@@ -132,3 +132,42 @@ def test_a_key_that_is_not_a_plain_name_is_quoted_in_the_field_path(key, shown):
     with pytest.raises(ConfigError) as err:
         parse_config(cfg)
     assert str(err.value).startswith(f"{shown}: unknown field (check the spelling"), str(err.value)
+
+
+def _mixed(train_extra: dict) -> dict:
+    cfg = yaml.safe_load(yaml.safe_dump(GOOD))
+    cfg["train"] = {**cfg["train"], "method": {"grid": ["pat", "phyll"]}, **train_extra}
+    return cfg
+
+
+@pytest.mark.parametrize("cfg, start", [
+    # found by the config fuzz in CI: a sweep over methods reports its unknown keys by its own route
+    (_mixed({"lr ": None}), "train.'lr ': not a field of method"),
+    # a key holding something shaped like a search space is checked as one before it is found unknown
+    ({**GOOD, "train": {**GOOD["train"], "lr ": {"grid": 2}}}, "train.'lr ': "),
+    ({**GOOD, "train": {**GOOD["train"], "a.b": {"uniform": [1.0]}}}, "train.'a.b': "),
+    # PBT's mutations name train keys under the scheduler
+    ({**GOOD, "train": {**GOOD["train"], "lr": 0.01},
+      "sweep": {"name": "t", "scheduler": {"kind": "pbt", "perturbation_interval": 1,
+                                           "hyperparam_mutations": {"lr ": [0.01, 0.02]}}}},
+     "sweep.scheduler.hyperparam_mutations.'lr ': "),
+])
+def test_every_route_to_a_config_error_quotes_an_odd_key(cfg, start):
+    with pytest.raises(ConfigError) as err:
+        parse_config(cfg)
+    assert str(err.value).startswith(start), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("path, keys", [
+    ("train.lr", ["train", "lr"]), ("train.'lr '", ["train", "lr "]), ("train.'a.b'.x", ["train", "a.b", "x"]),
+    ("train.\"it's\"", ["train", "it's"]),
+])
+def test_split_path_reads_back_what_join_path_writes(path, keys):
+    from farm.errors import join_path, split_path
+
+    assert split_path(path) == keys
+    built = keys[0]
+    for k in keys[1:]:
+        built = join_path(built, k)
+    assert split_path(built) == keys

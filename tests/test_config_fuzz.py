@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from farm.cli import main
@@ -215,8 +215,18 @@ def no_mlflow_env(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
+def added_key(name: str, parent: tuple, key: str, value) -> tuple:
+    """A case as mutated_config writes it: `key: value` added under `parent` of example `name`."""
+    cfg = copy.deepcopy(EXAMPLES[name])
+    get(cfg, parent)[key] = value
+    return name, "unknown_key", field_path(parent + (key,)), yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True)
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated_config())
+# Found in CI: a sweep over methods reports an unknown key by its own route, which did not quote it.
+@example(added_key("mixed", ("train",), "lr ", None))
+@example(added_key("mixed", ("train",), "lr ", {"grid": 2}))
 def test_mutated_configs_are_refused_in_one_line_or_accepted_by_check(case):
     name, kind, path, text = case
     with tempfile.TemporaryDirectory() as tmp:
