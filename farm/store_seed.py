@@ -3,7 +3,7 @@
 MLflow builds a new SQLite store by creating its first tables and then running every schema migration
 since (about 3 s of CPU on a 2-core machine, 5 s of an `mlflow server`'s start), on the critical path of
 every sweep or training that writes to a new file. For one MLflow version the migrated, empty tables are
-the same every time, so the first store a machine builds (its tables, without the Default experiment) is kept in
+the same every time, so the first store a machine builds (tables only: no experiment, no run) is kept in
 the cache folder, and a later new store starts as a copy of it. MLflow then opens it as it opens any
 store and adds the Default experiment with this store's own artifact root, exactly as for a store it
 built itself (tests/test_store_seed.py compares the two). Anything unexpected (a store that exists,
@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
-import uuid
 from pathlib import Path
 
 CACHE_ENV = "PHYSFARM_CACHE_DIR"
@@ -53,18 +52,17 @@ def _usable(db: Path) -> bool:
 
 
 def _build_template(target: Path) -> None:
-    """MLflow builds a store in a fresh file (its own tables and migrations); its Default experiment
-    is taken out again, since each store gets its own (with that store's artifact root) when MLflow
-    first opens it. The file is moved into place whole."""
-    from mlflow.tracking import MlflowClient
+    """MLflow's own table creation and migrations into a fresh file, moved into place whole."""
+    from mlflow.store.db.utils import _initialize_tables, create_sqlalchemy_engine_with_retry
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    # a name never used before: MLflow keeps one engine per URI for the life of the process
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    MlflowClient(f"sqlite:///{tmp}").search_experiments()
-    with sqlite3.connect(tmp) as con:
-        con.execute("DELETE FROM experiments")
-    con.close()
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    engine = create_sqlalchemy_engine_with_retry(f"sqlite:///{tmp}")
+    try:
+        _initialize_tables(engine)
+    finally:
+        engine.dispose()
     os.replace(tmp, target)  # readers see the old template or the new one, never half of one
 
 
