@@ -278,9 +278,6 @@ class MLflowServer:
     def start(self, timeout_s: float = 180) -> None:
         import subprocess
 
-        from farm.store_seed import seed_sqlite_store
-
-        seed_sqlite_store(self.backend)  # a new store: saves the server ~5 s of schema migrations
         self.proc = subprocess.Popen(
             [self.mlflow, "server", "--backend-store-uri", self.backend, "--artifacts-destination",
              str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],

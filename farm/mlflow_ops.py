@@ -38,7 +38,6 @@ from mlflow.protos.databricks_pb2 import INVALID_STATE
 from mlflow.tracking import MlflowClient
 
 from .journal import PLACEHOLDER, Journal, read_header
-from .store_seed import seed_sqlite_store
 
 # MLflow draws a progress bar for every artifact it reads (building a trial's model validates its
 # input example): dozens of lines in a sweep's console. Off unless the user asks for it.
@@ -309,7 +308,6 @@ class MlflowWriter:
 
     def open(self) -> MlflowWriter:
         if self._client is None:
-            seed_sqlite_store(self.uri)  # a new SQLite store as a copy of a migrated one (farm/store_seed.py)
             self._client = MlflowClient(tracking_uri=self.uri)
         self._ops = MlflowOps(self._client, self.journal.say)
         self.journal.open()
