@@ -25,8 +25,10 @@ def join_path(prefix: str, key) -> str:
     return f"{prefix}.{quote_key(key)}" if prefix else quote_key(key)
 
 
-# One step of a dotted path: a quoted key (as quote_key writes it) or a plain run of non-dots.
-_STEP = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^.]+")
+# A key as quote_key writes a non-plain one (repr: in single quotes, or double where it holds a ').
+QUOTED_KEY = r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\""
+# One step of a dotted path: a quoted key or a plain run of non-dots.
+_STEP = re.compile(f"{QUOTED_KEY}|[^.]+")
 
 
 def split_path(path: str) -> list[str]:
@@ -37,25 +39,22 @@ def split_path(path: str) -> list[str]:
     return keys
 
 
-def field_path(loc: tuple) -> str:
-    """("train", "lr") -> "train.lr"; ("devices", 0, "name") -> "devices[0].name"; odd keys quoted."""
-    parts: list[str] = []
+def field_path(loc: tuple, prefix: str = "") -> str:
+    """("train", "lr") -> "train.lr"; ("devices", 0, "name") -> "devices[0].name"; odd keys quoted;
+    below `prefix` when one is given (pydantic's own function/union steps are left out)."""
+    path = prefix
     for item in loc:
         if isinstance(item, int):
-            parts.append(f"[{item}]")
-        elif str(item).startswith(("function-", "tagged-union")):
-            continue
-        else:
-            parts.append(("." if parts else "") + quote_key(item))
-    return "".join(parts)
+            path += f"[{item}]"
+        elif not str(item).startswith(("function-", "tagged-union")):
+            path = join_path(path, item)
+    return path
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     msgs = []
     for e in err.errors(include_url=False):
-        path = field_path(tuple(e["loc"]))
-        if prefix:
-            path = f"{prefix}.{path}" if path else prefix
+        path = field_path(tuple(e["loc"]), prefix)
         msg = e["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]

@@ -105,7 +105,7 @@ def _format(err: ValidationError, prefix: str, concrete: dict, name: str, mixed:
     msgs = []
     for e in err.errors(include_url=False):
         loc = [str(p) for p in e["loc"]]
-        path = f"{prefix}.{field_path(tuple(e['loc']))}" if loc else prefix
+        path = field_path(tuple(e["loc"]), prefix)
         hint = _not_a_sampler_hint(e.get("input"))
         if hint:
             msgs.append(f"{path}: {hint}")

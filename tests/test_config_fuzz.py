@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from farm.cli import main
-from farm.errors import field_path
+from farm.errors import QUOTED_KEY, field_path
 
 REPO = Path(__file__).resolve().parents[1]
 # The sweep configs a user starts from (pool.yaml is a pool file, not a sweep config).
@@ -49,7 +49,7 @@ FILE_LEVEL = re.compile(r"^\S*config\.yaml(: not valid YAML at line \d+, column 
 def split_refusal(msg: str) -> tuple[str, str, str]:
     """(field path, its first key, the rest) of a refusal 'path: what was wrong'; a quoted key is read
     whole, whatever dots, brackets or ': ' it holds."""
-    quoted = re.match(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"", msg)
+    quoted = re.match(QUOTED_KEY, msg)
     start = quoted.end() if quoted else 0
     cut = msg.find(": ", start)
     if cut < 0:
